@@ -1,0 +1,1 @@
+//! Placeholder: the real CUDA driver (being written).

@@ -1,0 +1,351 @@
+//! The driver layer: the one door through which tessera talks to a GPU.
+//!
+//! Everything the allocator asks of a device goes through the [`Driver`] trait: device count,
+//! allocation granularity, memory info, the legacy `cuMemAlloc`/`cuMemFree` pair, the virtual-memory
+//! API (reserve/free a virtual range, create/release physical memory, map/unmap, set access), and
+//! events and streams. Two implementations sit side by side:
+//! - [`cuda::CudaDriver`]: the CUDA driver API through cudarc, loaded at run time (it builds and
+//!   opens cleanly, as an `Err`, on a machine with no CUDA).
+//! - [`sim::SimDriver`]: a device emulated in host virtual memory, with a capacity, fault injection,
+//!   call counters and test-controlled stream completion. Tests and the replay tool use it.
+//!
+//! # The contract (stated once, for both drivers)
+//! - Devices are numbered `0..device_count()`. Every call names its device; a bad index is
+//!   `CUDA_ERROR_INVALID_DEVICE`.
+//! - Sizes passed to `reserve`, `create_physical`, `map`, `unmap` and `set_access` are positive
+//!   multiples of `granularity(device)`, and addresses passed to `map`/`unmap`/`set_access` are
+//!   granularity-aligned; otherwise `CUDA_ERROR_INVALID_VALUE`.
+//! - `map(va, size, handle)` maps the whole physical allocation `handle` (of exactly `size` bytes) at
+//!   `va`, which must lie inside a live reservation and not overlap a live mapping.
+//!   `unmap(va, size)` must cover whole mappings. `set_access(va, size)` grants read/write to the
+//!   device over a fully mapped range (which may span several mappings); memory is usable only
+//!   after it.
+//! - `release_physical` may be called while the handle is still mapped (CUDA frees the memory when
+//!   the last mapping goes); tessera never does so, but both drivers accept it.
+//! - Events are created per device, recorded on a stream, and complete when all work queued on that
+//!   stream before the record has finished. [`Stream`] `0` is the legacy default stream.
+//! - All methods may be called from any thread. No method panics: failures are [`DriverError`]s that
+//!   name the call and the CUDA error.
+//! - Physical memory created and legacy memory allocated through a driver instance is counted in
+//!   [`Driver::bytes_in_use`], so the allocator can check that its idea of "reserved" matches the
+//!   driver's.
+
+pub mod cuda;
+pub mod sim;
+
+use std::fmt;
+
+/// A device virtual address (`CUdeviceptr`). On the simulated device it is a host address.
+pub type DevicePtr = u64;
+
+/// A CUDA stream handle (`CUstream` as an integer). `Stream(0)` is the legacy default stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Stream(pub u64);
+
+impl Stream {
+    /// The legacy default stream.
+    pub const DEFAULT: Stream = Stream(0);
+}
+
+/// A handle to physical device memory (`CUmemGenericAllocationHandle`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PhysHandle(pub u64);
+
+/// An event handle (`CUevent` as an integer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Event(pub u64);
+
+/// Free and total memory of a device, as `cuMemGetInfo` reports them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemInfo {
+    pub free: u64,
+    pub total: u64,
+}
+
+/// Every kind of call the trait makes. The simulated driver counts calls and injects faults by kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Call {
+    DeviceCount,
+    Granularity,
+    MemInfo,
+    AllocLegacy,
+    FreeLegacy,
+    Reserve,
+    FreeReservation,
+    CreatePhysical,
+    ReleasePhysical,
+    Map,
+    Unmap,
+    SetAccess,
+    EventCreate,
+    EventRecord,
+    EventQuery,
+    EventSynchronize,
+    EventDestroy,
+    StreamWaitEvent,
+    StreamSynchronize,
+}
+
+impl Call {
+    /// Every call kind, in declaration order.
+    pub const ALL: [Call; 19] = [
+        Call::DeviceCount,
+        Call::Granularity,
+        Call::MemInfo,
+        Call::AllocLegacy,
+        Call::FreeLegacy,
+        Call::Reserve,
+        Call::FreeReservation,
+        Call::CreatePhysical,
+        Call::ReleasePhysical,
+        Call::Map,
+        Call::Unmap,
+        Call::SetAccess,
+        Call::EventCreate,
+        Call::EventRecord,
+        Call::EventQuery,
+        Call::EventSynchronize,
+        Call::EventDestroy,
+        Call::StreamWaitEvent,
+        Call::StreamSynchronize,
+    ];
+
+    /// The CUDA driver function behind this call, as error messages name it.
+    pub fn cuda_name(self) -> &'static str {
+        match self {
+            Call::DeviceCount => "cuDeviceGetCount",
+            Call::Granularity => "cuMemGetAllocationGranularity",
+            Call::MemInfo => "cuMemGetInfo",
+            Call::AllocLegacy => "cuMemAlloc",
+            Call::FreeLegacy => "cuMemFree",
+            Call::Reserve => "cuMemAddressReserve",
+            Call::FreeReservation => "cuMemAddressFree",
+            Call::CreatePhysical => "cuMemCreate",
+            Call::ReleasePhysical => "cuMemRelease",
+            Call::Map => "cuMemMap",
+            Call::Unmap => "cuMemUnmap",
+            Call::SetAccess => "cuMemSetAccess",
+            Call::EventCreate => "cuEventCreate",
+            Call::EventRecord => "cuEventRecord",
+            Call::EventQuery => "cuEventQuery",
+            Call::EventSynchronize => "cuEventSynchronize",
+            Call::EventDestroy => "cuEventDestroy",
+            Call::StreamWaitEvent => "cuStreamWaitEvent",
+            Call::StreamSynchronize => "cuStreamSynchronize",
+        }
+    }
+
+    /// Index into [`Call::ALL`], for counter arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Call {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.cuda_name())
+    }
+}
+
+/// A CUDA driver error code (`CUresult`), with the names the driver gives them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CudaError {
+    InvalidValue,
+    OutOfMemory,
+    NotInitialized,
+    Deinitialized,
+    NoDevice,
+    InvalidDevice,
+    InvalidContext,
+    SharedObjectInitFailed,
+    InvalidHandle,
+    NotFound,
+    NotReady,
+    IllegalAddress,
+    NotPermitted,
+    NotSupported,
+    Unknown,
+    /// Any other code, kept verbatim.
+    Other(u32),
+}
+
+impl CudaError {
+    /// The numeric `CUresult`.
+    pub fn code(self) -> u32 {
+        match self {
+            CudaError::InvalidValue => 1,
+            CudaError::OutOfMemory => 2,
+            CudaError::NotInitialized => 3,
+            CudaError::Deinitialized => 4,
+            CudaError::NoDevice => 100,
+            CudaError::InvalidDevice => 101,
+            CudaError::InvalidContext => 201,
+            CudaError::SharedObjectInitFailed => 303,
+            CudaError::InvalidHandle => 400,
+            CudaError::NotFound => 500,
+            CudaError::NotReady => 600,
+            CudaError::IllegalAddress => 700,
+            CudaError::NotPermitted => 800,
+            CudaError::NotSupported => 801,
+            CudaError::Unknown => 999,
+            CudaError::Other(c) => c,
+        }
+    }
+
+    /// From a numeric `CUresult` (which must not be `CUDA_SUCCESS`).
+    pub fn from_code(code: u32) -> CudaError {
+        match code {
+            1 => CudaError::InvalidValue,
+            2 => CudaError::OutOfMemory,
+            3 => CudaError::NotInitialized,
+            4 => CudaError::Deinitialized,
+            100 => CudaError::NoDevice,
+            101 => CudaError::InvalidDevice,
+            201 => CudaError::InvalidContext,
+            303 => CudaError::SharedObjectInitFailed,
+            400 => CudaError::InvalidHandle,
+            500 => CudaError::NotFound,
+            600 => CudaError::NotReady,
+            700 => CudaError::IllegalAddress,
+            800 => CudaError::NotPermitted,
+            801 => CudaError::NotSupported,
+            999 => CudaError::Unknown,
+            c => CudaError::Other(c),
+        }
+    }
+
+    /// The driver's name for the code, e.g. `CUDA_ERROR_OUT_OF_MEMORY`.
+    pub fn name(self) -> &'static str {
+        match self {
+            CudaError::InvalidValue => "CUDA_ERROR_INVALID_VALUE",
+            CudaError::OutOfMemory => "CUDA_ERROR_OUT_OF_MEMORY",
+            CudaError::NotInitialized => "CUDA_ERROR_NOT_INITIALIZED",
+            CudaError::Deinitialized => "CUDA_ERROR_DEINITIALIZED",
+            CudaError::NoDevice => "CUDA_ERROR_NO_DEVICE",
+            CudaError::InvalidDevice => "CUDA_ERROR_INVALID_DEVICE",
+            CudaError::InvalidContext => "CUDA_ERROR_INVALID_CONTEXT",
+            CudaError::SharedObjectInitFailed => "CUDA_ERROR_SHARED_OBJECT_INIT_FAILED",
+            CudaError::InvalidHandle => "CUDA_ERROR_INVALID_HANDLE",
+            CudaError::NotFound => "CUDA_ERROR_NOT_FOUND",
+            CudaError::NotReady => "CUDA_ERROR_NOT_READY",
+            CudaError::IllegalAddress => "CUDA_ERROR_ILLEGAL_ADDRESS",
+            CudaError::NotPermitted => "CUDA_ERROR_NOT_PERMITTED",
+            CudaError::NotSupported => "CUDA_ERROR_NOT_SUPPORTED",
+            CudaError::Unknown => "CUDA_ERROR_UNKNOWN",
+            CudaError::Other(_) => "CUDA_ERROR_(unnamed)",
+        }
+    }
+}
+
+/// A failed driver call: which call, on which device, and the CUDA error it returned.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{call} failed with {} ({}){}{}", .error.name(), .error.code(), device_suffix(*.device), detail_suffix(.detail))]
+pub struct DriverError {
+    pub call: Call,
+    pub error: CudaError,
+    /// The device the call was for, when it names one.
+    pub device: Option<usize>,
+    /// Why, where the driver knows more than the code says (the simulated driver names the broken rule).
+    pub detail: Option<String>,
+}
+
+fn device_suffix(device: Option<usize>) -> String {
+    device.map(|d| format!(" on device {d}")).unwrap_or_default()
+}
+
+fn detail_suffix(detail: &Option<String>) -> String {
+    detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
+}
+
+impl DriverError {
+    pub fn new(call: Call, error: CudaError, device: Option<usize>) -> Self {
+        DriverError {
+            call,
+            error,
+            device,
+            detail: None,
+        }
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// True when the device is out of memory: the allocator answers this with its OOM path rather
+    /// than passing the error on.
+    pub fn is_out_of_memory(&self) -> bool {
+        self.error == CudaError::OutOfMemory
+    }
+}
+
+pub type DriverResult<T> = Result<T, DriverError>;
+
+/// Everything tessera asks of a GPU. See the module documentation for the contract.
+pub trait Driver: Send + Sync + fmt::Debug + 'static {
+    /// A short name for reports: `"cuda"` or `"sim"`.
+    fn name(&self) -> &'static str;
+
+    /// Number of devices.
+    fn device_count(&self) -> DriverResult<usize>;
+
+    /// Whether the device supports the virtual-memory API (`cuMemCreate` and friends).
+    fn supports_vmm(&self, device: usize) -> DriverResult<bool>;
+
+    /// The minimum granularity of physical allocations and mappings (2 MiB on current NVIDIA GPUs).
+    fn granularity(&self, device: usize) -> DriverResult<u64>;
+
+    /// Free and total memory of the device (`cuMemGetInfo`); free counts every user of the device.
+    fn mem_info(&self, device: usize) -> DriverResult<MemInfo>;
+
+    /// Bytes of physical and legacy memory currently held through this driver instance.
+    fn bytes_in_use(&self, device: usize) -> u64;
+
+    /// `cuMemAlloc`: `size` bytes of mapped, accessible device memory.
+    fn alloc_legacy(&self, device: usize, size: u64) -> DriverResult<DevicePtr>;
+
+    /// `cuMemFree` of a pointer returned by `alloc_legacy`.
+    fn free_legacy(&self, device: usize, ptr: DevicePtr) -> DriverResult<()>;
+
+    /// `cuMemAddressReserve`: `size` bytes of virtual address space aligned to `align` (0 = granularity).
+    fn reserve(&self, device: usize, size: u64, align: u64) -> DriverResult<DevicePtr>;
+
+    /// `cuMemAddressFree` of a whole reservation. Nothing may be mapped in it.
+    fn free_reservation(&self, device: usize, va: DevicePtr, size: u64) -> DriverResult<()>;
+
+    /// `cuMemCreate`: `size` bytes of pinned physical device memory.
+    fn create_physical(&self, device: usize, size: u64) -> DriverResult<PhysHandle>;
+
+    /// `cuMemRelease` of a handle from `create_physical`.
+    fn release_physical(&self, device: usize, handle: PhysHandle) -> DriverResult<()>;
+
+    /// `cuMemMap`: map all of `handle` (exactly `size` bytes) at `va`.
+    fn map(&self, device: usize, va: DevicePtr, size: u64, handle: PhysHandle) -> DriverResult<()>;
+
+    /// `cuMemUnmap` of `[va, va + size)`, which must cover whole mappings.
+    fn unmap(&self, device: usize, va: DevicePtr, size: u64) -> DriverResult<()>;
+
+    /// `cuMemSetAccess`: read/write access for the device over a fully mapped range.
+    fn set_access(&self, device: usize, va: DevicePtr, size: u64) -> DriverResult<()>;
+
+    /// `cuEventCreate` (timing disabled).
+    fn event_create(&self, device: usize) -> DriverResult<Event>;
+
+    /// `cuEventRecord` on `stream`.
+    fn event_record(&self, device: usize, event: Event, stream: Stream) -> DriverResult<()>;
+
+    /// `cuEventQuery`: `Ok(true)` when complete, `Ok(false)` while not ready.
+    fn event_query(&self, device: usize, event: Event) -> DriverResult<bool>;
+
+    /// `cuEventSynchronize`: block until the event completes.
+    fn event_synchronize(&self, device: usize, event: Event) -> DriverResult<()>;
+
+    /// `cuEventDestroy`.
+    fn event_destroy(&self, device: usize, event: Event) -> DriverResult<()>;
+
+    /// `cuStreamWaitEvent`: later work on `stream` waits for `event`.
+    fn stream_wait_event(&self, device: usize, stream: Stream, event: Event) -> DriverResult<()>;
+
+    /// `cuStreamSynchronize`.
+    fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()>;
+}

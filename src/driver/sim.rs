@@ -1,0 +1,1 @@
+//! Placeholder: the simulated driver (being written).

@@ -1,0 +1,145 @@
+//! The crate's error type. Every failure a caller can cause or meet is a variant here, with a message
+//! that says what happened and, where the caller can act, what to do. Nothing in tessera panics on
+//! bad input.
+
+use crate::bytes::format_bytes;
+use crate::driver::{DevicePtr, DriverError};
+use std::fmt;
+
+/// Everything that can go wrong in tessera.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// A driver call failed for a reason other than running out of memory.
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// The request could not be satisfied even after releasing the cache, calling the hooks and
+    /// compacting. The report says why.
+    #[error("{0}")]
+    OutOfMemory(Box<OomReport>),
+    /// A size of zero, or one too large to round or reserve.
+    #[error("invalid size {size}: {reason}")]
+    InvalidSize { size: u64, reason: &'static str },
+    /// A device index outside `0..count`.
+    #[error("invalid device {device}: {count} device(s) present")]
+    InvalidDevice { device: i64, count: usize },
+    /// A pointer that tessera did not hand out (or already took back and handed out again elsewhere).
+    #[error("unknown pointer {ptr:#x}{}: not allocated by tessera{}", dev_suffix(*.device), interior_suffix(*.interior_of))]
+    UnknownPointer {
+        ptr: DevicePtr,
+        device: Option<usize>,
+        /// Set when the pointer lies inside a live allocation that starts elsewhere.
+        interior_of: Option<DevicePtr>,
+    },
+    /// A pointer freed twice.
+    #[error("double free of {ptr:#x} on device {device}")]
+    DoubleFree { ptr: DevicePtr, device: usize },
+    /// A bad configuration key or value (from the builder or `TESSERA_CONF`).
+    #[error("configuration error: {0}")]
+    Config(String),
+    /// An operation that the configuration or the device does not support.
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+}
+
+fn dev_suffix(device: Option<usize>) -> String {
+    device.map(|d| format!(" on device {d}")).unwrap_or_default()
+}
+
+fn interior_suffix(base: Option<DevicePtr>) -> String {
+    base.map(|b| format!(" (it points inside the allocation at {b:#x})"))
+        .unwrap_or_default()
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// True for [`Error::OutOfMemory`].
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, Error::OutOfMemory(_))
+    }
+}
+
+/// Why a request failed: the figures a user needs to act, taken under the device lock at the moment
+/// of failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OomReport {
+    pub device: usize,
+    /// The size asked for, before rounding.
+    pub requested: u64,
+    /// Total memory of the device.
+    pub capacity: u64,
+    /// Memory free on the device, all users counted.
+    pub device_free: u64,
+    /// The configured limit, if any.
+    pub limit: Option<u64>,
+    /// Bytes in live allocations.
+    pub allocated: u64,
+    /// Bytes of physical memory tessera holds.
+    pub reserved: u64,
+    /// `reserved - allocated`: held but not in use.
+    pub cached_free: u64,
+    /// The largest contiguous free range tessera could hand out without new memory.
+    pub largest_free: u64,
+    /// Free bytes in pages that also hold live data: no remap can gather them.
+    pub stranded: u64,
+    /// Bytes freed by the eviction hooks during this request.
+    pub hooks_freed: u64,
+    /// Hooks called for this request.
+    pub hooks_called: u32,
+    /// The driver error that ended the attempt, if the device itself refused.
+    pub driver_error: Option<String>,
+}
+
+impl fmt::Display for OomReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "CUDA out of memory. Tried to allocate {} on device {}. Device capacity {} ({} free on the device)",
+            format_bytes(self.requested),
+            self.device,
+            format_bytes(self.capacity),
+            format_bytes(self.device_free),
+        )?;
+        match self.limit {
+            Some(l) => write!(f, ", tessera limit {}", format_bytes(l))?,
+            None => write!(f, ", no tessera limit")?,
+        }
+        write!(
+            f,
+            ". tessera holds {} reserved: {} allocated, {} cached free; largest free range {}, {} stranded in partly used pages.",
+            format_bytes(self.reserved),
+            format_bytes(self.allocated),
+            format_bytes(self.cached_free),
+            format_bytes(self.largest_free),
+            format_bytes(self.stranded),
+        )?;
+        write!(
+            f,
+            " {} eviction hook(s) called, freeing {}.",
+            self.hooks_called,
+            format_bytes(self.hooks_freed)
+        )?;
+        if let Some(e) = &self.driver_error {
+            write!(f, " The driver said: {e}.")?;
+        }
+        write!(f, " Hint: {}", self.hint())
+    }
+}
+
+impl OomReport {
+    /// What the user can do, chosen from the figures.
+    pub fn hint(&self) -> &'static str {
+        let ceiling = self.limit.unwrap_or(self.capacity).min(self.capacity);
+        if self.requested > ceiling {
+            "the request alone is larger than the device or the limit; split it or use a larger device."
+        } else if self.limit.is_some_and(|l| l < self.capacity && self.reserved + self.requested > l) {
+            "the tessera limit was reached; raise it (limit / memory fraction) if the device has room."
+        } else if self.reserved < ceiling / 2 && self.device_free < self.requested {
+            "other processes or allocators hold most of the device; free memory there."
+        } else if self.stranded >= self.requested {
+            "enough memory is free but stranded in partly used pages; free long-lived small tensors or reduce the batch size."
+        } else {
+            "live tensors fill the device; reduce the batch size or free tensors (e.g. through an eviction hook)."
+        }
+    }
+}
