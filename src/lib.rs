@@ -1,8 +1,28 @@
 //! tessera: a CUDA caching allocator with a page-remapping defragmentation core.
+//!
+//! Layers, each testable alone:
+//! 1. [`driver`]: the one trait through which tessera talks to a GPU, with the real CUDA driver
+//!    ([`driver::cuda::CudaDriver`]) and a simulated device ([`driver::sim::SimDriver`]).
+//! 2. `pages`: virtual ranges and physical pages; remapping lives here.
+//! 3. `pool`: size classes for small requests, best-fit blocks for large ones.
+//! 4. `device`: one allocator per device: streams and events, limits, the OOM sequence, stats,
+//!    invariants.
+//! 5. [`Tessera`]: the front, dispatching by device and finding allocations by pointer.
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod allocator;
 pub mod bytes;
-pub mod driver;
-pub(crate) mod sync;
 pub mod config;
+mod device;
+pub mod driver;
 pub mod error;
+mod pages;
+mod pool;
+pub mod stats;
+pub(crate) mod sync;
+
+pub(crate) use allocator::{AddressMap, Hooks};
+pub use allocator::{Allocation, HookId, OomHook, Tessera};
+pub use config::{Backend, Config};
+pub use error::{Error, OomReport, Result};
+pub use stats::{BlockInfo, BlockStateInfo, SegmentInfo, SegmentKind, Snapshot, Stats};

@@ -1,0 +1,295 @@
+//! The front: [`Tessera`] dispatches by device and finds an allocation by pointer alone.
+//!
+//! # Data structure
+//! - One [`DeviceAllocator`] per device, created on first use (`OnceLock`), each behind its own lock.
+//! - [`AddressMap`]: which device owns which virtual range or legacy segment, so that a pointer
+//!   alone (`free_any`, `record_stream`, `allocation`) finds its device. It changes only on the slow
+//!   path (a new reservation or segment), so the hot path never touches it.
+//! - [`Hooks`]: the registered eviction hooks, in registration order.
+//!
+//! # Locking
+//! Lock order: a device lock, then the address map's (written under the device lock, read with no
+//! device lock held). Hooks are copied out of their lock before they run, and run with no lock held.
+
+use crate::config::Config;
+use crate::device::DeviceAllocator;
+use crate::driver::{DevicePtr, Driver, Stream};
+use crate::error::{Error, Result};
+use crate::stats::{Snapshot, Stats};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering, RwLock};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::OnceLock;
+
+/// An eviction hook: called with (device, requested bytes) when an allocation would fail.
+pub type OomHook = Arc<dyn Fn(usize, u64) + Send + Sync>;
+
+/// Identifies a registered hook, to remove it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct HookId(pub u64);
+
+/// The registered hooks.
+#[derive(Default)]
+pub(crate) struct Hooks {
+    next: AtomicU64,
+    list: Mutex<Vec<(u64, OomHook)>>,
+}
+
+impl fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hooks({})", self.list.lock().len())
+    }
+}
+
+impl Hooks {
+    /// The hooks now, in order, copied out so that none runs under this lock.
+    pub(crate) fn snapshot(&self) -> Vec<OomHook> {
+        self.list.lock().iter().map(|(_, h)| Arc::clone(h)).collect()
+    }
+}
+
+/// Which device owns which address range.
+#[derive(Debug, Default)]
+pub(crate) struct AddressMap {
+    map: RwLock<BTreeMap<DevicePtr, (u64, usize)>>,
+}
+
+impl AddressMap {
+    pub(crate) fn insert(&self, base: DevicePtr, size: u64, device: usize) {
+        self.map.write().insert(base, (size, device));
+    }
+
+    pub(crate) fn remove(&self, base: DevicePtr) {
+        self.map.write().remove(&base);
+    }
+
+    pub(crate) fn device_of(&self, ptr: DevicePtr) -> Option<usize> {
+        let map = self.map.read();
+        let (&base, &(size, dev)) = map.range(..=ptr).next_back()?;
+        (ptr < base + size).then_some(dev)
+    }
+}
+
+/// A live allocation, as found by pointer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Allocation {
+    pub device: usize,
+    /// Start of the allocation holding the pointer.
+    pub base: DevicePtr,
+    /// Bytes it holds (rounded).
+    pub size: u64,
+    /// Bytes asked for.
+    pub requested: u64,
+    /// The stream it was allocated on.
+    pub stream: Stream,
+}
+
+/// A caching allocator over one driver, for all of that driver's devices.
+pub struct Tessera {
+    driver: Arc<dyn Driver>,
+    config: Config,
+    devices: Vec<OnceLock<Arc<DeviceAllocator>>>,
+    init: std::sync::Mutex<()>,
+    address_map: Arc<AddressMap>,
+    hooks: Arc<Hooks>,
+}
+
+impl fmt::Debug for Tessera {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Tessera")
+            .field("driver", &self.driver.name())
+            .field("devices", &self.devices.len())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl Tessera {
+    /// An allocator over `driver`. Devices are set up on first use.
+    pub fn new(driver: Arc<dyn Driver>, config: Config) -> Result<Self> {
+        config.validate()?;
+        let count = driver.device_count()?;
+        Ok(Tessera {
+            devices: (0..count).map(|_| OnceLock::new()).collect(),
+            driver,
+            config,
+            init: std::sync::Mutex::new(()),
+            address_map: Arc::new(AddressMap::default()),
+            hooks: Arc::new(Hooks::default()),
+        })
+    }
+
+    /// The driver underneath.
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn device_count(&self) -> usize {
+        self.devices.len()
+    }
+
+    /// The allocator of `device`, created on first use.
+    fn device(&self, device: usize) -> Result<&Arc<DeviceAllocator>> {
+        let cell = self.devices.get(device).ok_or(Error::InvalidDevice {
+            device: device as i64,
+            count: self.devices.len(),
+        })?;
+        if let Some(d) = cell.get() {
+            return Ok(d);
+        }
+        // Creation can fail (a driver error): serialize it, and leave the cell empty on failure
+        // so that a later call tries again.
+        let _guard = self.init.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(d) = cell.get() {
+            return Ok(d);
+        }
+        let d = DeviceAllocator::new(
+            device,
+            Arc::clone(&self.driver),
+            &self.config,
+            Arc::clone(&self.address_map),
+            Arc::clone(&self.hooks),
+        )?;
+        Ok(cell.get_or_init(|| Arc::new(d)))
+    }
+
+    /// Allocates `size` bytes on `device` for use on `stream`.
+    #[inline]
+    pub fn allocate(&self, device: usize, size: u64, stream: Stream) -> Result<DevicePtr> {
+        self.device(device)?.allocate(size, stream)
+    }
+
+    /// Frees an allocation of `device`. An unknown pointer or a double free is an error and
+    /// changes nothing.
+    #[inline]
+    pub fn free(&self, device: usize, ptr: DevicePtr) -> Result<()> {
+        self.device(device)?.free(ptr).map(|_| ())
+    }
+
+    /// Frees an allocation whose device the caller does not know.
+    pub fn free_any(&self, ptr: DevicePtr) -> Result<()> {
+        let dev = self.device_of(ptr)?;
+        self.free(dev, ptr)
+    }
+
+    fn device_of(&self, ptr: DevicePtr) -> Result<usize> {
+        self.address_map.device_of(ptr).ok_or(Error::UnknownPointer {
+            ptr,
+            device: None,
+            interior_of: None,
+        })
+    }
+
+    /// The live allocation holding `ptr` (which may point inside it).
+    pub fn allocation(&self, ptr: DevicePtr) -> Option<Allocation> {
+        let dev = self.address_map.device_of(ptr)?;
+        let st = self.device(dev).ok()?.state.lock();
+        st.allocation(ptr).map(|(base, size, requested, stream)| Allocation {
+            device: dev,
+            base,
+            size,
+            requested,
+            stream,
+        })
+    }
+
+    /// Marks the allocation at `ptr` as used on `stream` too: its memory is not reused or
+    /// unmapped until the work queued on `stream` before its free has finished.
+    pub fn record_stream(&self, ptr: DevicePtr, stream: Stream) -> Result<()> {
+        let dev = self.device_of(ptr)?;
+        let d = self.device(dev)?;
+        let mut st = d.state.lock();
+        let r = st.record_stream(ptr, stream);
+        st.checked();
+        r
+    }
+
+    /// Waits for the streams that used freed memory, then releases every fully free page and
+    /// segment to the driver. Returns the bytes released.
+    pub fn empty_cache(&self, device: usize) -> Result<u64> {
+        let d = self.device(device)?;
+        let mut st = d.state.lock();
+        st.compact()?;
+        let r = st.release_cache();
+        st.checked();
+        Ok(r?)
+    }
+
+    /// `empty_cache` on every device that has been used.
+    pub fn empty_cache_all(&self) -> Result<u64> {
+        let mut total = 0;
+        for (i, cell) in self.devices.iter().enumerate() {
+            if cell.get().is_some() {
+                total += self.empty_cache(i)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// Releases what is free and already known to be done on the GPU, without waiting.
+    pub fn trim(&self, device: usize) -> Result<u64> {
+        let d = self.device(device)?;
+        let mut st = d.state.lock();
+        st.settle_pending(false)?;
+        st.request_all_fences()?;
+        let drv = Arc::clone(&st.drv);
+        st.fences.poll(&*drv, device)?;
+        let r = st.release_cache();
+        st.checked();
+        Ok(r?)
+    }
+
+    /// Sets (or clears) a byte limit on the memory `device` may reserve.
+    pub fn set_limit(&self, device: usize, limit: Option<u64>) -> Result<()> {
+        self.device(device)?.state.lock().limit = limit;
+        Ok(())
+    }
+
+    /// Limits `device` to a fraction of its total memory (PyTorch's `set_per_process_memory_fraction`).
+    pub fn set_memory_fraction(&self, device: usize, fraction: f64) -> Result<()> {
+        if !(fraction > 0.0 && fraction <= 1.0) {
+            return Err(Error::Config(format!("memory fraction {fraction} is not in (0, 1]")));
+        }
+        self.device(device)?.state.lock().fraction = Some(fraction);
+        Ok(())
+    }
+
+    /// Registers an eviction hook, called (with no lock held) when an allocation would fail.
+    pub fn add_oom_hook(&self, hook: impl Fn(usize, u64) + Send + Sync + 'static) -> HookId {
+        let id = self.hooks.next.fetch_add(1, Ordering::Relaxed);
+        self.hooks.list.lock().push((id, Arc::new(hook)));
+        HookId(id)
+    }
+
+    /// Removes a hook; false if it was not registered.
+    pub fn remove_oom_hook(&self, id: HookId) -> bool {
+        let mut list = self.hooks.list.lock();
+        let before = list.len();
+        list.retain(|(i, _)| *i != id.0);
+        list.len() != before
+    }
+
+    pub fn stats(&self, device: usize) -> Result<Stats> {
+        Ok(self.device(device)?.state.lock().stats())
+    }
+
+    pub fn reset_peak_stats(&self, device: usize) -> Result<()> {
+        self.device(device)?.state.lock().reset_peak_stats();
+        Ok(())
+    }
+
+    pub fn snapshot(&self, device: usize) -> Result<Snapshot> {
+        Ok(self.device(device)?.state.lock().snapshot())
+    }
+
+    /// Checks every invariant of `device`; the message names the first broken one.
+    pub fn check_invariants(&self, device: usize) -> std::result::Result<(), String> {
+        let d = self.device(device).map_err(|e| e.to_string())?;
+        let st = d.state.lock();
+        st.check_invariants()
+    }
+}

@@ -1,0 +1,408 @@
+//! The slow path: finding memory when the stream's cache has none, and giving memory back.
+//!
+//! Order, for a request that missed the cache (the design notes explain why):
+//! 1. parked frees whose recorded streams are done join the pools;
+//! 2. a free block (or empty small granule) of another stream whose work on it is done;
+//! 3. new memory: pages from the page pool, then new pages while under the limit, then fully free
+//!    pages unmapped from free blocks and empty granules anywhere (their work done). Pages are
+//!    mapped at the end of a free block followed by unmapped space when one exists, else at fresh
+//!    holes. The legacy backend asks `cuMemAlloc` for a new segment instead.
+//!
+//! Nothing here waits on the GPU unless told to (`wait`); nothing here drops the device lock.
+//! Every driver failure leaves the state consistent: pages obtained but not placed go back to the
+//! pool, and a block is carved only around pages whose unmap succeeded.
+
+use super::DeviceState;
+use crate::config::Backend;
+use crate::driver::{DevicePtr, DriverError, Stream};
+use crate::error::Error;
+use crate::pages::{PageId, RangeKind};
+use crate::sync::Arc;
+
+/// Why the slow path gave up.
+#[derive(Debug)]
+pub(crate) enum Shortfall {
+    /// Not enough memory; the driver's out-of-memory error, if it was the driver that refused.
+    NoMemory(Option<DriverError>),
+    /// Any other failure: passed to the caller as it is.
+    Fatal(Error),
+}
+
+impl From<DriverError> for Shortfall {
+    fn from(e: DriverError) -> Self {
+        if e.is_out_of_memory() {
+            Shortfall::NoMemory(Some(e))
+        } else {
+            Shortfall::Fatal(Error::Driver(e))
+        }
+    }
+}
+
+type Slow<T> = std::result::Result<T, Shortfall>;
+
+impl DeviceState {
+    /// Serves a request that missed the cache, without the OOM sequence. With `wait`, waits for
+    /// streams whose work holds memory back.
+    pub(crate) fn allocate_slow(&mut self, rounded: u64, requested: u64, stream: Stream, wait: bool) -> Slow<DevicePtr> {
+        self.settle_pending(wait)?;
+        if wait {
+            self.request_all_fences()?;
+            self.fences.wait_all(&*Arc::clone(&self.drv), self.dev)?;
+        }
+        if let Some(p) = self.try_cached(rounded, requested, stream) {
+            return Ok(p);
+        }
+        if rounded <= self.small_max {
+            self.small_slow(rounded, requested, stream)
+        } else {
+            self.large_slow(rounded, requested, stream)
+        }
+    }
+
+    fn small_slow(&mut self, rounded: u64, requested: u64, stream: Stream) -> Slow<DevicePtr> {
+        let class = self.small.classes.class_of(rounded);
+        if !self.small.grow(stream, class) {
+            self.adopt_empty_granule(stream)?;
+            if !self.small.grow(stream, class) {
+                self.new_granule(stream)?;
+                let grown = self.small.grow(stream, class);
+                debug_assert!(grown, "a fresh granule holds a run of every class");
+            }
+        }
+        let ptr = self.small.alloc(stream, class, requested).expect("a fresh run has a free slot");
+        self.c.note_alloc(self.small.classes.sizes[class], requested);
+        Ok(ptr)
+    }
+
+    /// Gives `stream` an empty granule of another stream whose work on it is done, if any.
+    fn adopt_empty_granule(&mut self, stream: Stream) -> Slow<()> {
+        self.small.reclaim_idle_runs(None);
+        let candidates: Vec<(DevicePtr, Stream, u64)> = self
+            .small
+            .empty_granules()
+            .filter(|g| g.stream != stream)
+            .map(|g| (g.base, g.stream, g.free_seq))
+            .collect();
+        for (base, s, seq) in candidates {
+            if self.settle_fence(s, seq)? {
+                self.small.retag_granule(base, stream);
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the work of `stream` up to free `seq` is done; records and queries a fence if needed.
+    fn settle_fence(&mut self, stream: Stream, seq: u64) -> Slow<bool> {
+        if self.fences.is_settled(stream, seq) {
+            return Ok(true);
+        }
+        let drv = Arc::clone(&self.drv);
+        self.fences.request(&*drv, self.dev, stream, seq)?;
+        self.fences.poll(&*drv, self.dev)?;
+        Ok(self.fences.is_settled(stream, seq))
+    }
+
+    /// Records a fence on every stream that has freed memory not yet known to be done.
+    pub(crate) fn request_all_fences(&mut self) -> std::result::Result<(), DriverError> {
+        let drv = Arc::clone(&self.drv);
+        let mut need: Vec<(Stream, u64)> = self.large.free_blocks().map(|(_, b)| (b.stream, b.free_seq)).collect();
+        need.extend(self.small.granules().map(|g| (g.stream, g.free_seq)));
+        for (s, seq) in need {
+            if !self.fences.is_settled(s, seq) {
+                self.fences.request(&*drv, self.dev, s, seq)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A new granule for the small pool of `stream`.
+    fn new_granule(&mut self, stream: Stream) -> Slow<()> {
+        let ps = self.page_size;
+        if self.backend == Backend::Legacy {
+            let base = self.new_legacy_segment(ps)?;
+            self.small.add_granule(base, None, stream);
+            return Ok(());
+        }
+        let va = self.find_holes(RangeKind::Small, 1)?;
+        let pages = self.obtain_pages(1, None)?;
+        self.map_pages(va, &pages)?;
+        self.small.add_granule(va, Some(pages[0]), stream);
+        Ok(())
+    }
+
+    fn large_slow(&mut self, rounded: u64, requested: u64, stream: Stream) -> Slow<DevicePtr> {
+        // A free block of another stream, once that stream's work on it is done.
+        for addr in self.large.other_stream_fits(stream, rounded) {
+            let b = self.large.get(addr).expect("listed block");
+            if self.settle_fence(b.stream, b.free_seq)? {
+                let at = self.large.retag(addr, stream);
+                return Ok(self.hand_out(at, rounded, requested, stream));
+            }
+        }
+        let at = if self.backend == Backend::Legacy {
+            let seg = rounded.div_ceil(self.page_size) * self.page_size;
+            let base = self.new_legacy_segment(seg)?;
+            self.large.insert_free(base, seg, stream, 0, base)
+        } else {
+            self.grow_large(rounded, stream)?
+        };
+        Ok(self.hand_out(at, rounded, requested, stream))
+    }
+
+    fn hand_out(&mut self, at: DevicePtr, rounded: u64, requested: u64, stream: Stream) -> DevicePtr {
+        self.large.allocate_at(at, rounded, requested, stream);
+        self.c.note_alloc(rounded, requested);
+        at
+    }
+
+    /// Maps new pages so that a free block of `stream` holds `size` bytes; returns its address.
+    fn grow_large(&mut self, size: u64, stream: Stream) -> Slow<DevicePtr> {
+        let ps = self.page_size;
+        // Prefer extending a free block (ours, or another stream's whose work is done) that ends
+        // where unmapped space begins: fewer pages, and it reuses the block's bytes.
+        let mut best: Option<(DevicePtr, u64)> = None;
+        for (a, b) in self.large.free_blocks() {
+            let end = a + b.size;
+            if end % ps != 0 || b.size >= size || best.is_some_and(|(_, s)| s >= b.size) {
+                continue;
+            }
+            if b.stream != stream && !self.fences.is_settled(b.stream, b.free_seq) {
+                continue;
+            }
+            let need = (size - b.size).div_ceil(ps) as usize;
+            if self.pages.holes_at(end, RangeKind::Large, need) == need {
+                best = Some((a, b.size));
+            }
+        }
+        let (va, count) = match best {
+            Some((a, s)) => (a + s, (size - s).div_ceil(ps) as usize),
+            None => {
+                let count = size.div_ceil(ps) as usize;
+                (self.find_holes(RangeKind::Large, count)?, count)
+            }
+        };
+        let pages = self.obtain_pages(count, best.map(|(a, _)| a))?;
+        self.map_pages(va, &pages)?;
+        if let Some((a, _)) = best {
+            if self.large.get(a).is_some_and(|b| b.stream != stream) {
+                self.large.retag(a, stream);
+            }
+        }
+        let at = self.large.insert_free(va, count as u64 * ps, stream, 0, 0);
+        debug_assert!(self.large.get(at).is_some_and(|b| b.size >= size));
+        Ok(at)
+    }
+
+    /// `count` consecutive holes in a range of `kind`, reserving (and registering) a new range if
+    /// needed.
+    fn find_holes(&mut self, kind: RangeKind, count: usize) -> Slow<DevicePtr> {
+        let before = self.pages.ranges.len();
+        let va = self.pages.find_holes(&*Arc::clone(&self.drv), self.dev, kind, count)?;
+        if self.pages.ranges.len() != before {
+            let r = self.pages.range_of(va).expect("new range");
+            let range = &self.pages.ranges[r];
+            self.address_map.insert(range.base, range.size(self.page_size), self.dev);
+        }
+        Ok(va)
+    }
+
+    fn map_pages(&mut self, va: DevicePtr, pages: &[PageId]) -> Slow<()> {
+        match self.pages.map_run(&*Arc::clone(&self.drv), self.dev, va, pages) {
+            Ok(remaps) => {
+                self.c.remaps += remaps;
+                Ok(())
+            }
+            Err(e) => {
+                self.pages.pool.extend_from_slice(pages);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// `count` unmapped pages: from the pool, then new ones under the limit, then stolen. All or
+    /// nothing: on failure every page obtained is back in the pool.
+    fn obtain_pages(&mut self, count: usize, exclude: Option<DevicePtr>) -> Slow<Vec<PageId>> {
+        let mut got: Vec<PageId> = Vec::with_capacity(count);
+        while got.len() < count {
+            match self.pages.pool.pop() {
+                Some(p) => got.push(p),
+                None => break,
+            }
+        }
+        let mut refused = None;
+        let drv = Arc::clone(&self.drv);
+        while got.len() < count && self.reserved() + self.page_size <= self.limit_bytes() {
+            match self.pages.create_page(&*drv, self.dev) {
+                Ok(p) => {
+                    got.push(p);
+                    self.c.note_reserved(self.reserved());
+                }
+                Err(e) if e.is_out_of_memory() => {
+                    refused = Some(e);
+                    break;
+                }
+                Err(e) => {
+                    self.pages.pool.extend(got);
+                    return Err(Shortfall::Fatal(e.into()));
+                }
+            }
+        }
+        if got.len() < count {
+            if let Err(e) = self.unmap_free_pages(Some(count - got.len()), exclude, &mut got) {
+                self.pages.pool.extend(got);
+                return Err(Shortfall::Fatal(e.into()));
+            }
+        }
+        if got.len() < count {
+            self.pages.pool.extend(got);
+            return Err(Shortfall::NoMemory(refused));
+        }
+        Ok(got)
+    }
+
+    /// Unmaps fully free pages whose work is done (from empty small granules, then from free large
+    /// blocks, smallest first, never from `exclude`), at most `max`, into `out`. Non-blocking.
+    pub(crate) fn unmap_free_pages(&mut self, max: Option<usize>, exclude: Option<DevicePtr>, out: &mut Vec<PageId>) -> std::result::Result<(), DriverError> {
+        let drv = Arc::clone(&self.drv);
+        let (dev, ps) = (self.dev, self.page_size);
+        let want = |out: &Vec<PageId>| max.is_none_or(|m| out.len() < m);
+        self.small.reclaim_idle_runs(None);
+        // Learn which streams are done with their freed memory (records and queries; no waiting).
+        self.request_all_fences()?;
+        self.fences.poll(&*drv, dev)?;
+        let granules: Vec<(DevicePtr, Stream, u64)> = self
+            .small
+            .empty_granules()
+            .filter(|g| g.page.is_some())
+            .map(|g| (g.base, g.stream, g.free_seq))
+            .collect();
+        for (base, s, seq) in granules {
+            if !want(out) {
+                return Ok(());
+            }
+            if self.fences.is_settled(s, seq) {
+                let id = self.pages.unmap_page(&*drv, dev, base)?;
+                self.small.remove_granule(base);
+                out.push(id);
+            }
+        }
+        let mut blocks: Vec<(u64, DevicePtr)> = self
+            .large
+            .free_blocks()
+            .filter(|&(a, b)| Some(a) != exclude && self.fences.is_settled(b.stream, b.free_seq))
+            .filter(|&(a, b)| (a + b.size) / ps * ps > a.div_ceil(ps) * ps)
+            .map(|(a, b)| (b.size, a))
+            .collect();
+        blocks.sort_unstable();
+        for (size, addr) in blocks {
+            if !want(out) {
+                break;
+            }
+            let (from, to) = (addr.div_ceil(ps) * ps, (addr + size) / ps * ps);
+            // Take pages from the block's end, so what remains of it stays in one piece.
+            let mut cut = to;
+            let mut result = Ok(());
+            while cut > from && want(out) {
+                match self.pages.unmap_page(&*drv, dev, cut - ps) {
+                    Ok(id) => {
+                        out.push(id);
+                        cut -= ps;
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            if cut < to {
+                self.large.carve(addr, cut, to);
+            }
+            result?;
+        }
+        Ok(())
+    }
+
+    /// `cuMemAlloc` of a new legacy segment of `size` bytes, under the limit.
+    fn new_legacy_segment(&mut self, size: u64) -> Slow<DevicePtr> {
+        if self.reserved() + size > self.limit_bytes() {
+            return Err(Shortfall::NoMemory(None));
+        }
+        let base = self.drv.alloc_legacy(self.dev, size)?;
+        self.legacy.insert(base, size);
+        self.legacy_bytes += size;
+        self.c.note_reserved(self.reserved());
+        self.address_map.insert(base, size, self.dev);
+        Ok(base)
+    }
+
+    /// Gives every fully free page and segment whose work is done back to the driver; returns
+    /// the bytes released. Non-blocking: the caller waits first if it wants everything.
+    pub(crate) fn release_cache(&mut self) -> std::result::Result<u64, DriverError> {
+        let drv = Arc::clone(&self.drv);
+        let dev = self.dev;
+        let before = self.reserved();
+        let mut result = Ok(());
+        if self.backend == Backend::Legacy {
+            self.small.reclaim_idle_runs(None);
+            let mut free_segments: Vec<DevicePtr> = self
+                .small
+                .empty_granules()
+                .filter(|g| self.fences.is_settled(g.stream, g.free_seq))
+                .map(|g| g.base)
+                .collect();
+            free_segments.extend(
+                self.large
+                    .free_blocks()
+                    .filter(|&(a, b)| self.legacy.get(&a) == Some(&b.size) && self.fences.is_settled(b.stream, b.free_seq))
+                    .map(|(a, _)| a),
+            );
+            for base in free_segments {
+                if let Err(e) = drv.free_legacy(dev, base) {
+                    result = Err(e);
+                    break;
+                }
+                if self.small.owns(base) {
+                    self.small.remove_granule(base);
+                } else {
+                    self.large.remove_free(base);
+                }
+                self.legacy_bytes -= self.legacy.remove(&base).expect("known segment");
+                self.address_map.remove(base);
+            }
+        } else {
+            let mut pages = Vec::new();
+            result = self.unmap_free_pages(None, None, &mut pages);
+            self.pages.pool.extend(pages);
+            while let Some(id) = self.pages.pool.pop() {
+                if let Err(e) = self.pages.release_page(&*drv, dev, id) {
+                    self.pages.pool.push(id);
+                    result = result.and(Err(e));
+                    break;
+                }
+            }
+        }
+        let released = before - self.reserved();
+        if released > 0 {
+            self.c.cache_releases += 1;
+            self.c.released_bytes += released;
+        }
+        result.map(|()| released)
+    }
+
+    /// Gives everything back to the driver (the allocator is going away). Errors are ignored.
+    pub(crate) fn teardown(&mut self) {
+        let drv = Arc::clone(&self.drv);
+        self.fences.teardown(&*drv, self.dev);
+        self.pages.teardown(&*drv, self.dev);
+        for (&base, _) in &self.legacy {
+            let _ = drv.free_legacy(self.dev, base);
+            self.address_map.remove(base);
+        }
+        for r in &self.pages.ranges {
+            self.address_map.remove(r.base);
+        }
+        self.legacy.clear();
+        self.legacy_bytes = 0;
+    }
+}

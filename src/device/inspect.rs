@@ -1,0 +1,314 @@
+//! Reading a device: statistics, snapshots, and the invariant check.
+//!
+//! Everything here runs under the device lock and changes nothing. The figures that need a walk
+//! (largest free range, stranded bytes) are computed here rather than kept up to date on the hot
+//! path.
+
+use super::DeviceState;
+use crate::config::Backend;
+use crate::driver::{DevicePtr, Stream};
+use crate::pages::{RangeKind, Slot};
+use crate::pool::large::BlockState;
+use crate::stats::{BlockInfo, BlockStateInfo, SegmentInfo, SegmentKind, Snapshot, Stats};
+use std::collections::HashSet;
+
+impl DeviceState {
+    /// Maximal runs of mapped slots in large ranges: (start, end).
+    fn large_runs(&self) -> Vec<(DevicePtr, DevicePtr)> {
+        let ps = self.page_size;
+        let mut runs = Vec::new();
+        for range in self.pages.ranges.iter().filter(|r| r.kind == RangeKind::Large) {
+            let mut start = None;
+            for (i, slot) in range.slots.iter().enumerate() {
+                let va = range.base + i as u64 * ps;
+                match (slot, start) {
+                    (Slot::Mapped(_), None) => start = Some(va),
+                    (Slot::Hole, Some(s)) => {
+                        runs.push((s, va));
+                        start = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        runs
+    }
+
+    /// Large segments: mapped runs (VMM) or `cuMemAlloc` segments not used as small granules.
+    fn large_segments(&self) -> Vec<(DevicePtr, DevicePtr)> {
+        match self.backend {
+            Backend::Vmm => self.large_runs(),
+            Backend::Legacy => self
+                .legacy
+                .iter()
+                .filter(|(&b, _)| !self.small.owns(b))
+                .map(|(&b, &s)| (b, b + s))
+                .collect(),
+        }
+    }
+
+    /// (largest free range, stranded bytes).
+    fn free_space(&self) -> (u64, u64) {
+        let ps = self.page_size;
+        // Pages (VMM) or segments (legacy) touched by a block that is not free.
+        let mut live_pages: HashSet<DevicePtr> = HashSet::new();
+        let unit = |a: DevicePtr| -> DevicePtr {
+            match self.backend {
+                Backend::Vmm => a / ps * ps,
+                Backend::Legacy => *self.legacy.range(..=a).next_back().map(|(b, _)| b).unwrap_or(&0),
+            }
+        };
+        for (&a, b) in &self.large.blocks {
+            if b.state != BlockState::Free {
+                let mut p = unit(a);
+                live_pages.insert(p);
+                if self.backend == Backend::Vmm {
+                    while p + ps < a + b.size {
+                        p += ps;
+                        live_pages.insert(p);
+                    }
+                }
+            }
+        }
+        let mut largest = 0;
+        let mut stranded = 0;
+        let mut free_pages = self.pages.pool.len() as u64;
+        for (a, b) in self.large.free_blocks() {
+            largest = largest.max(b.size);
+            match self.backend {
+                Backend::Vmm => {
+                    let mut p = a / ps * ps;
+                    while p < a + b.size {
+                        let overlap = (a + b.size).min(p + ps) - a.max(p);
+                        if live_pages.contains(&p) {
+                            stranded += overlap;
+                        } else if overlap == ps {
+                            free_pages += 1;
+                        }
+                        p += ps;
+                    }
+                }
+                Backend::Legacy => {
+                    if live_pages.contains(&unit(a)) {
+                        stranded += b.size;
+                    }
+                }
+            }
+        }
+        for g in self.small.granules() {
+            if g.live_bytes > 0 {
+                stranded += ps - g.live_bytes;
+            } else if self.backend == Backend::Vmm {
+                free_pages += 1;
+            }
+        }
+        if self.backend == Backend::Vmm {
+            largest = largest.max(free_pages * ps);
+        }
+        (largest, stranded)
+    }
+
+    /// The device's statistics now.
+    pub(crate) fn stats(&self) -> Stats {
+        let c = &self.c;
+        let reserved = self.reserved();
+        let (largest, stranded) = self.free_space();
+        let segments = self.large_segments().len() + self.small.granule_count();
+        let limit = self.limit_bytes();
+        Stats {
+            allocated_bytes: c.allocated,
+            peak_allocated_bytes: c.peak_allocated,
+            requested_bytes: c.requested,
+            peak_requested_bytes: c.peak_requested,
+            reserved_bytes: reserved,
+            peak_reserved_bytes: c.peak_reserved.max(reserved),
+            active_blocks: c.active,
+            peak_active_blocks: c.peak_active,
+            cached_free_bytes: reserved.saturating_sub(c.allocated),
+            largest_free_bytes: largest,
+            stranded_bytes: stranded,
+            segments: segments as u64,
+            mapped_pages: self.pages.mapped_pages(),
+            pool_pages: self.pages.pool.len() as u64,
+            allocations: c.allocations,
+            frees: c.frees,
+            remaps: c.remaps,
+            cache_releases: c.cache_releases,
+            released_bytes: c.released_bytes,
+            hook_calls: c.hook_calls,
+            ooms: c.ooms,
+            invalid_frees: c.invalid_frees,
+            limit_bytes: (limit != u64::MAX).then_some(limit),
+            page_size: self.page_size,
+        }
+    }
+
+    /// Peaks restart from the current values.
+    pub(crate) fn reset_peak_stats(&mut self) {
+        let c = &mut self.c;
+        c.peak_allocated = c.allocated;
+        c.peak_requested = c.requested;
+        c.peak_active = c.active;
+        c.peak_reserved = self.pages.live_pages() * self.page_size + self.legacy_bytes;
+    }
+
+    /// Every segment and block.
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let pending: HashSet<DevicePtr> = self.pending.iter().map(|p| p.ptr).collect();
+        let kind = match self.backend {
+            Backend::Vmm => SegmentKind::Large,
+            Backend::Legacy => SegmentKind::Legacy,
+        };
+        let mut segments: Vec<SegmentInfo> = self
+            .large_segments()
+            .into_iter()
+            .map(|(start, end)| {
+                let blocks: Vec<BlockInfo> = self
+                    .large
+                    .blocks
+                    .range(start..end)
+                    .map(|(&a, b)| BlockInfo {
+                        address: a,
+                        size: b.size,
+                        requested_size: b.requested,
+                        state: match b.state {
+                            BlockState::Allocated => BlockStateInfo::Allocated,
+                            BlockState::Free => BlockStateInfo::Free,
+                            BlockState::Pending => BlockStateInfo::PendingFree,
+                        },
+                        stream: b.stream,
+                    })
+                    .collect();
+                let stream = blocks.first().map_or(Stream::DEFAULT, |b| b.stream);
+                SegmentInfo {
+                    address: start,
+                    size: end - start,
+                    kind,
+                    stream,
+                    blocks,
+                }
+            })
+            .collect();
+        for g in self.small.granules() {
+            let blocks = self
+                .small
+                .slots_in(g.base)
+                .into_iter()
+                .map(|s| BlockInfo {
+                    address: s.addr,
+                    size: s.size,
+                    requested_size: s.requested,
+                    state: if pending.contains(&s.addr) {
+                        BlockStateInfo::PendingFree
+                    } else {
+                        BlockStateInfo::Allocated
+                    },
+                    stream: s.stream,
+                })
+                .collect();
+            segments.push(SegmentInfo {
+                address: g.base,
+                size: self.page_size,
+                kind: SegmentKind::Small,
+                stream: g.stream,
+                blocks,
+            });
+        }
+        segments.sort_by_key(|s| s.address);
+        Snapshot {
+            device: self.dev,
+            page_size: self.page_size,
+            segments,
+            stats: self.stats(),
+        }
+    }
+
+    /// Checks every invariant of the device: those of each structure, and those between them.
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        self.pages.check_invariants()?;
+        self.large.check_invariants()?;
+        self.small.check_invariants()?;
+        let ps = self.page_size;
+
+        // Blocks tile the large segments exactly.
+        let mut blocks = self.large.blocks.iter().peekable();
+        for (start, end) in self.large_segments() {
+            let mut at = start;
+            while at < end {
+                match blocks.next() {
+                    Some((&a, b)) if a == at => {
+                        if self.backend == Backend::Legacy && b.region != start {
+                            return Err(format!("block {a:#x} has region {:#x}, not its segment {start:#x}", b.region));
+                        }
+                        at += b.size;
+                    }
+                    Some((&a, _)) => return Err(format!("segment [{start:#x}, {end:#x}): expected a block at {at:#x}, found {a:#x}")),
+                    None => return Err(format!("segment [{start:#x}, {end:#x}) is not covered from {at:#x}")),
+                }
+            }
+            if at != end {
+                return Err(format!("a block crosses the end of segment [{start:#x}, {end:#x})"));
+            }
+        }
+        if let Some((&a, _)) = blocks.next() {
+            return Err(format!("block {a:#x} lies outside every segment"));
+        }
+
+        // Small granules: each one is a mapped slot of a small range (VMM) or a page-sized legacy
+        // segment, and every such slot or segment is a granule.
+        let mut small_slots = 0;
+        for g in self.small.granules() {
+            match (self.backend, g.page) {
+                (Backend::Vmm, Some(id)) => {
+                    let r = self.pages.range_of(g.base).map(|r| &self.pages.ranges[r]);
+                    if r.map(|r| r.kind) != Some(RangeKind::Small) || self.pages.page_at(g.base) != Some(id) {
+                        return Err(format!("granule {:#x} is not page {id} mapped in a small range", g.base));
+                    }
+                }
+                (Backend::Legacy, None) if self.legacy.get(&g.base) == Some(&ps) => {}
+                _ => return Err(format!("granule {:#x} does not match the backend", g.base)),
+            }
+        }
+        for range in self.pages.ranges.iter().filter(|r| r.kind == RangeKind::Small) {
+            small_slots += range.slots.iter().filter(|s| matches!(s, Slot::Mapped(_))).count();
+        }
+        if self.backend == Backend::Vmm && small_slots != self.small.granule_count() {
+            return Err(format!("{small_slots} small slots mapped but {} granules", self.small.granule_count()));
+        }
+
+        // Parked frees.
+        let pending_large = self.large.blocks.values().filter(|b| b.state == BlockState::Pending).count();
+        if pending_large != self.pending.iter().filter(|p| !p.small).count() {
+            return Err("pending large blocks and parked frees disagree".into());
+        }
+
+        // Stats equal the sums over blocks and slots.
+        let (mut alloc, mut req, mut active) = self.small.totals();
+        for p in self.pending.iter().filter(|p| p.small) {
+            let (_, size, r, _) = self.small.slot_of(p.ptr).ok_or("a parked small free is not an allocated slot")?;
+            alloc -= size;
+            req -= r;
+            active -= 1;
+        }
+        for b in self.large.blocks.values().filter(|b| b.state == BlockState::Allocated) {
+            alloc += b.size;
+            req += b.requested;
+            active += 1;
+        }
+        if (alloc, req, active) != (self.c.allocated, self.c.requested, self.c.active) {
+            return Err(format!(
+                "stats say {} B allocated / {} B requested / {} blocks, the pools hold {alloc} / {req} / {active}",
+                self.c.allocated, self.c.requested, self.c.active
+            ));
+        }
+        let legacy_sum: u64 = self.legacy.values().sum();
+        if legacy_sum != self.legacy_bytes {
+            return Err("legacy_bytes disagrees with the segments".into());
+        }
+        let in_use = self.drv.bytes_in_use(self.dev);
+        if in_use != self.reserved() {
+            return Err(format!("the driver holds {in_use} B for us but reserved is {} B", self.reserved()));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,399 @@
+//! The device allocator: one per device, behind one lock.
+//!
+//! # Data structure
+//! [`DeviceState`] holds, for one device: the [`PageTable`] (virtual ranges, physical pages, the
+//! page pool), the large [`BlockPool`], the [`SmallPool`], the legacy segments (legacy backend), the
+//! stream [`Fences`], frees waiting on recorded streams, and the counters behind [`Stats`].
+//!
+//! - Allocation: round to 512 B; the hot path ([`DeviceState::try_cached`]) takes a slot of the
+//!   size class (small) or the best fit of the stream's free blocks (large): no driver call, no heap
+//!   allocation beyond the block record. A miss goes to the slow path (`grow.rs`): free blocks of
+//!   other streams whose work is done, then new memory (new pages while under the limit, then fully
+//!   free pages unmapped from wherever they sit), and when even that fails, the OOM sequence
+//!   (`oom.rs`), the one place where the lock is dropped (to call hooks).
+//! - Free: mark free and merge with free neighbours of the same stream, or, if other streams were
+//!   recorded on the allocation, park it until their work is done. No driver call.
+//!
+//! # Invariants
+//! See [`DeviceState::check_invariants`] (`inspect.rs`): blocks tile mapped memory, no unmerged
+//! free neighbours, every page has one owner, stats equal the sums over blocks and slots, and the
+//! driver's physical usage equals `reserved`. With `check_invariants` configured (the default in
+//! debug builds) they are checked after every mutation.
+//!
+//! # Locking
+//! `DeviceAllocator::state` is the device lock. Every method of `DeviceState` runs under it and
+//! returns with it held; only the OOM sequence releases it, explicitly, around the hooks.
+
+mod fences;
+mod grow;
+mod inspect;
+mod oom;
+
+use crate::config::{Backend, Config};
+use crate::driver::{DevicePtr, Driver, DriverError, Stream};
+use crate::error::{Error, Result};
+use crate::pages::PageTable;
+use crate::pool::large::{BlockPool, BlockState, Lookup, ROUND};
+use crate::pool::small::{SmallFree, SmallPool};
+use crate::stats::Counters;
+use crate::sync::{Arc, Mutex};
+use crate::{AddressMap, Hooks};
+use fences::Fences;
+use std::collections::{BTreeMap, HashMap};
+
+/// Largest request accepted at all: larger sizes are bad input, not an OOM.
+pub(crate) const MAX_REQUEST: u64 = 1 << 56;
+
+/// A free waiting for the streams recorded on the allocation.
+#[derive(Debug)]
+pub(crate) struct PendingFree {
+    ptr: DevicePtr,
+    small: bool,
+    streams: Vec<Stream>,
+    seq: u64,
+}
+
+/// Everything about one device, under its lock.
+#[derive(Debug)]
+pub(crate) struct DeviceState {
+    pub(crate) dev: usize,
+    pub(crate) drv: Arc<dyn Driver>,
+    pub(crate) backend: Backend,
+    pub(crate) page_size: u64,
+    pub(crate) small_max: u64,
+    /// Total memory of the device.
+    pub(crate) capacity: u64,
+    pub(crate) limit: Option<u64>,
+    pub(crate) fraction: Option<f64>,
+    pub(crate) pages: PageTable,
+    pub(crate) large: BlockPool,
+    pub(crate) small: SmallPool,
+    /// Legacy backend: every `cuMemAlloc` segment, base → size.
+    pub(crate) legacy: BTreeMap<DevicePtr, u64>,
+    pub(crate) legacy_bytes: u64,
+    pub(crate) fences: Fences,
+    /// The latest free sequence number.
+    pub(crate) seq: u64,
+    pub(crate) pending: Vec<PendingFree>,
+    /// Streams recorded on live allocations (`record_stream`), besides their own.
+    pub(crate) recorded: HashMap<DevicePtr, Vec<Stream>>,
+    pub(crate) c: Counters,
+    pub(crate) address_map: Arc<AddressMap>,
+    pub(crate) check: bool,
+}
+
+/// One device's allocator.
+#[derive(Debug)]
+pub(crate) struct DeviceAllocator {
+    pub(crate) dev: usize,
+    pub(crate) state: Mutex<DeviceState>,
+    pub(crate) hooks: Arc<Hooks>,
+}
+
+/// Rounds a request to the allocation granularity, or says why it cannot be served.
+#[inline]
+pub(crate) fn round_request(size: u64) -> Result<u64> {
+    if size == 0 {
+        return Err(Error::InvalidSize {
+            size,
+            reason: "a request must be at least one byte",
+        });
+    }
+    if size > MAX_REQUEST {
+        return Err(Error::InvalidSize {
+            size,
+            reason: "larger than any device (more than 64 PiB)",
+        });
+    }
+    Ok(size.div_ceil(ROUND) * ROUND)
+}
+
+impl DeviceAllocator {
+    pub(crate) fn new(dev: usize, drv: Arc<dyn Driver>, config: &Config, address_map: Arc<AddressMap>, hooks: Arc<Hooks>) -> Result<Self> {
+        let granularity = drv.granularity(dev)?;
+        let mut backend = config.backend;
+        if backend == Backend::Vmm && !drv.supports_vmm(dev)? {
+            // The documented fallback: the same pools over cuMemAlloc segments.
+            backend = Backend::Legacy;
+        }
+        let page_size = config.page_size.unwrap_or(granularity);
+        if page_size == 0 || page_size % granularity != 0 {
+            return Err(Error::Config(format!(
+                "page_size {page_size} is not a multiple of device {dev}'s granularity {granularity}"
+            )));
+        }
+        if config.small_max > page_size / 2 {
+            return Err(Error::Config(format!(
+                "small_max {} is more than half the page size {page_size}",
+                config.small_max
+            )));
+        }
+        let capacity = drv.mem_info(dev)?.total;
+        let small = SmallPool::new(page_size, config.small_max, config.classes_per_doubling);
+        let state = DeviceState {
+            dev,
+            backend,
+            page_size,
+            small_max: small.classes.max_size(),
+            capacity,
+            limit: config.limit,
+            fraction: config.memory_fraction,
+            pages: PageTable::new(page_size, capacity),
+            large: BlockPool::default(),
+            small,
+            legacy: BTreeMap::new(),
+            legacy_bytes: 0,
+            fences: Fences::default(),
+            seq: 0,
+            pending: Vec::new(),
+            recorded: HashMap::new(),
+            c: Counters::default(),
+            address_map,
+            check: config.check_invariants,
+            drv,
+        };
+        Ok(DeviceAllocator {
+            dev,
+            state: Mutex::new(state),
+            hooks,
+        })
+    }
+
+    /// Allocates `size` bytes for use on `stream`.
+    pub(crate) fn allocate(&self, size: u64, stream: Stream) -> Result<DevicePtr> {
+        let rounded = round_request(size)?;
+        let mut st = self.state.lock();
+        if let Some(ptr) = st.try_cached(rounded, size, stream) {
+            st.checked();
+            return Ok(ptr);
+        }
+        self.allocate_or_oom(st, rounded, size, stream)
+    }
+
+    /// Frees `ptr`, returning the bytes it held.
+    pub(crate) fn free(&self, ptr: DevicePtr) -> Result<u64> {
+        let mut st = self.state.lock();
+        let r = st.free(ptr);
+        st.checked();
+        r
+    }
+}
+
+impl DeviceState {
+    /// The effective byte limit on reserved memory.
+    pub(crate) fn limit_bytes(&self) -> u64 {
+        let by_fraction = self.fraction.map_or(u64::MAX, |f| (f * self.capacity as f64) as u64);
+        self.limit.unwrap_or(u64::MAX).min(by_fraction)
+    }
+
+    /// Bytes of physical memory held.
+    #[inline]
+    pub(crate) fn reserved(&self) -> u64 {
+        self.pages.live_pages() * self.page_size + self.legacy_bytes
+    }
+
+    /// Runs the invariant checks when configured to; a failure is a bug in tessera, so it panics
+    /// with the broken invariant (tests and debug builds only: release builds default to off).
+    #[inline]
+    pub(crate) fn checked(&self) {
+        if self.check {
+            if let Err(e) = self.check_invariants() {
+                panic!("tessera invariant broken on device {}: {e}", self.dev);
+            }
+        }
+    }
+
+    /// The hot path: a cached slot or block for `stream`, or `None`.
+    #[inline]
+    pub(crate) fn try_cached(&mut self, rounded: u64, requested: u64, stream: Stream) -> Option<DevicePtr> {
+        if rounded <= self.small_max {
+            let class = self.small.classes.class_of(rounded);
+            let ptr = self.small.alloc(stream, class, requested)?;
+            self.c.note_alloc(self.small.classes.sizes[class], requested);
+            Some(ptr)
+        } else {
+            let addr = self.large.best_fit(stream, rounded)?;
+            self.large.allocate_at(addr, rounded, requested, stream);
+            self.c.note_alloc(rounded, requested);
+            Some(addr)
+        }
+    }
+
+    /// Frees `ptr`: at once, or parked until recorded streams finish.
+    pub(crate) fn free(&mut self, ptr: DevicePtr) -> Result<u64> {
+        let seq = self.seq + 1;
+        let recorded = if self.recorded.is_empty() { None } else { self.recorded.remove(&ptr) };
+        if !self.pending.is_empty() && self.pending.iter().any(|p| p.ptr == ptr) {
+            return Err(self.bad_free(Error::DoubleFree { ptr, device: self.dev }));
+        }
+        if self.small.owns(ptr) {
+            if let Some(streams) = recorded {
+                // Validate now; the slot itself is freed when the recorded streams are done.
+                let Some((base, size, req, _)) = self.small.slot_of(ptr).filter(|s| s.0 == ptr) else {
+                    return Err(self.small_free_error(ptr));
+                };
+                debug_assert_eq!(base, ptr);
+                self.seq = seq;
+                self.c.note_free(size, req);
+                self.pending.push(PendingFree {
+                    ptr,
+                    small: true,
+                    streams,
+                    seq,
+                });
+                return Ok(size);
+            }
+            return match self.small.free(ptr, seq) {
+                SmallFree::Freed { size, requested } => {
+                    self.seq = seq;
+                    self.c.note_free(size, requested);
+                    Ok(size)
+                }
+                _ => Err(self.small_free_error(ptr)),
+            };
+        }
+        match self.large.lookup(ptr) {
+            Lookup::Start(b) if b.state == BlockState::Allocated => {
+                let req = b.requested;
+                let size = self.large.release(ptr, seq, recorded.is_some());
+                if let Some(streams) = recorded {
+                    self.pending.push(PendingFree {
+                        ptr,
+                        small: false,
+                        streams,
+                        seq,
+                    });
+                }
+                self.seq = seq;
+                self.c.note_free(size, req);
+                Ok(size)
+            }
+            Lookup::Start(_) => Err(self.bad_free(Error::DoubleFree { ptr, device: self.dev })),
+            Lookup::Interior(base, b) if b.state == BlockState::Allocated => Err(self.bad_free(Error::UnknownPointer {
+                ptr,
+                device: Some(self.dev),
+                interior_of: Some(base),
+            })),
+            // Inside free memory: it was freed (and merged) already.
+            Lookup::Interior(..) => Err(self.bad_free(Error::DoubleFree { ptr, device: self.dev })),
+            Lookup::Outside => Err(self.bad_free(Error::UnknownPointer {
+                ptr,
+                device: Some(self.dev),
+                interior_of: None,
+            })),
+        }
+    }
+
+    #[cold]
+    fn small_free_error(&mut self, ptr: DevicePtr) -> Error {
+        // Classify without changing anything: a second `free` call on the pool would mutate it.
+        let e = match self.small.slot_of(ptr) {
+            Some((base, ..)) if base != ptr => Error::UnknownPointer {
+                ptr,
+                device: Some(self.dev),
+                interior_of: Some(base),
+            },
+            Some(_) => Error::UnknownPointer {
+                ptr,
+                device: Some(self.dev),
+                interior_of: None,
+            },
+            None if self.small.owns(ptr) => Error::DoubleFree { ptr, device: self.dev },
+            None => Error::UnknownPointer {
+                ptr,
+                device: Some(self.dev),
+                interior_of: None,
+            },
+        };
+        self.bad_free(e)
+    }
+
+    #[cold]
+    fn bad_free(&mut self, e: Error) -> Error {
+        self.c.invalid_frees += 1;
+        e
+    }
+
+    /// The live allocation starting at `ptr`, or containing it: (base, size, requested, stream).
+    pub(crate) fn allocation(&self, ptr: DevicePtr) -> Option<(DevicePtr, u64, u64, Stream)> {
+        if self.small.owns(ptr) {
+            return self.small.slot_of(ptr).filter(|_| !self.is_pending(ptr));
+        }
+        match self.large.lookup(ptr) {
+            Lookup::Start(b) | Lookup::Interior(_, b) if b.state == BlockState::Allocated => {
+                let base = match self.large.lookup(ptr) {
+                    Lookup::Interior(a, _) => a,
+                    _ => ptr,
+                };
+                Some((base, b.size, b.requested, b.stream))
+            }
+            _ => None,
+        }
+    }
+
+    fn is_pending(&self, ptr: DevicePtr) -> bool {
+        self.pending.iter().any(|p| p.ptr == ptr)
+    }
+
+    /// `record_stream`: the allocation at `ptr` is also used on `stream`; its memory is reused or
+    /// unmapped only after the work queued on `stream` before its free has finished.
+    pub(crate) fn record_stream(&mut self, ptr: DevicePtr, stream: Stream) -> Result<()> {
+        let Some((base, _, _, own)) = self.allocation(ptr) else {
+            return Err(Error::UnknownPointer {
+                ptr,
+                device: Some(self.dev),
+                interior_of: None,
+            });
+        };
+        if stream != own {
+            let list = self.recorded.entry(base).or_default();
+            if !list.contains(&stream) {
+                list.push(stream);
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves parked frees whose recorded streams are done into the pools. With `wait`, waits for
+    /// them.
+    pub(crate) fn settle_pending(&mut self, wait: bool) -> std::result::Result<(), DriverError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let drv = Arc::clone(&self.drv);
+        for p in &self.pending {
+            for &s in &p.streams {
+                self.fences.request(&*drv, self.dev, s, p.seq)?;
+            }
+        }
+        if wait {
+            self.fences.wait_all(&*drv, self.dev)?;
+        } else {
+            self.fences.poll(&*drv, self.dev)?;
+        }
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i];
+            if p.streams.iter().all(|&s| self.fences.is_settled(s, p.seq)) {
+                let p = self.pending.swap_remove(i);
+                if p.small {
+                    let freed = self.small.free(p.ptr, p.seq);
+                    debug_assert!(matches!(freed, SmallFree::Freed { .. }));
+                } else {
+                    self.large.settle_pending(p.ptr);
+                }
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for DeviceAllocator {
+    fn drop(&mut self) {
+        // Everything goes back to the driver; errors are ignored (this may run at process exit,
+        // after the driver has shut down). Never panics.
+        self.state.lock().teardown();
+    }
+}

@@ -1,0 +1,159 @@
+//! The OOM sequence: what happens when the cache and new memory cannot serve a request.
+//!
+//! One function, read top to bottom; the lock is released in exactly one place, around the hooks,
+//! and every step says so (contrast a chain of `||`-joined retries whose helpers drop the lock).
+//! 1. Reuse or remap cached pages (the slow path of `grow.rs`): first without waiting, then after
+//!    waiting for the streams that hold freed memory back.
+//! 2. Release the cache to the driver (others on the GPU may need it, and legacy segments can only
+//!    be rebuilt larger after a free) and retry.
+//! 3. Drop the lock; call the eviction hooks in order with (device, requested bytes). A hook may
+//!    free or allocate through the normal path; an allocation inside a hook never calls the hooks
+//!    again (a thread-local flag). Take the lock again.
+//! 4. Compact (wait for streams, settle parked frees, retire idle small runs) and retry.
+//! 5. Fail with a report that names every figure a user needs to act.
+//!
+//! A request larger than the limit or the device can never succeed: it skips steps 1, 2 and 4
+//! (nothing to gain from emptying the cache), still calls each hook once, and fails.
+
+use super::grow::Shortfall;
+use super::{DeviceAllocator, DeviceState};
+use crate::driver::{DevicePtr, Stream};
+use crate::error::{Error, OomReport, Result};
+use crate::sync::MutexGuard;
+use std::cell::Cell;
+
+thread_local! {
+    /// Set while this thread runs OOM hooks: its own failing allocations skip the hooks.
+    static IN_HOOK: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Clears the in-hook flag when the hooks return, panicking or not.
+struct HookScope(bool);
+
+impl HookScope {
+    fn enter() -> Self {
+        HookScope(IN_HOOK.with(|f| f.replace(true)))
+    }
+}
+
+impl Drop for HookScope {
+    fn drop(&mut self) {
+        let outer = self.0;
+        IN_HOOK.with(|f| f.set(outer));
+    }
+}
+
+impl DeviceAllocator {
+    /// Steps 1–5 above. Called with the lock held after the hot path missed.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn allocate_or_oom<'a>(&'a self, mut st: MutexGuard<'a, DeviceState>, rounded: u64, requested: u64, stream: Stream) -> Result<DevicePtr> {
+        let possible = rounded <= st.limit_bytes().min(st.capacity);
+        let mut refused = None;
+        if possible {
+            // 1. Cached and new pages, stealing fully free ones; no waiting.
+            match attempt(&mut st, rounded, requested, stream, false) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
+                Err(Shortfall::Fatal(e)) => return Err(e),
+            }
+            // ... and again after waiting for the streams that hold freed memory back.
+            match attempt(&mut st, rounded, requested, stream, true) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
+                Err(Shortfall::Fatal(e)) => return Err(e),
+            }
+            // 2. Release the cache to the driver, retry.
+            st.release_cache()?;
+            match attempt(&mut st, rounded, requested, stream, true) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
+                Err(Shortfall::Fatal(e)) => return Err(e),
+            }
+        }
+        // 3. Hooks, without the lock.
+        let (mut hooks_called, mut hooks_freed) = (0u32, 0u64);
+        let in_hook = IN_HOOK.with(Cell::get);
+        if !in_hook {
+            let hooks = self.hooks.snapshot();
+            if !hooks.is_empty() {
+                let freed_before = st.c.freed_bytes;
+                st.c.hook_calls += hooks.len() as u64;
+                drop(st);
+                {
+                    let _scope = HookScope::enter();
+                    for hook in &hooks {
+                        hook(self.dev, requested);
+                        hooks_called += 1;
+                    }
+                }
+                st = self.state.lock();
+                hooks_freed = st.c.freed_bytes.saturating_sub(freed_before);
+            }
+        }
+        // 4. Compact and retry.
+        if possible {
+            st.compact()?;
+            match attempt(&mut st, rounded, requested, stream, true) {
+                Ok(Some(p)) => return Ok(p),
+                Ok(None) => {}
+                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
+                Err(Shortfall::Fatal(e)) => return Err(e),
+            }
+        }
+        // 5. Fail, saying why.
+        st.c.ooms += 1;
+        let report = st.oom_report(requested, hooks_called, hooks_freed, refused.map(|e| e.to_string()));
+        st.checked();
+        Err(Error::OutOfMemory(Box::new(report)))
+    }
+}
+
+/// One try of the slow path, with the invariant check after it. "No memory" without a driver
+/// refusal becomes `Ok(None)`; the driver's refusal is kept for the report.
+fn attempt(st: &mut DeviceState, rounded: u64, requested: u64, stream: Stream, wait: bool) -> std::result::Result<Option<DevicePtr>, Shortfall> {
+    let r = st.allocate_slow(rounded, requested, stream, wait);
+    st.checked();
+    match r {
+        Ok(p) => Ok(Some(p)),
+        Err(Shortfall::NoMemory(None)) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl DeviceState {
+    /// Waits for streams, settles parked frees, retires idle small runs.
+    pub(crate) fn compact(&mut self) -> Result<()> {
+        self.settle_pending(true)?;
+        self.request_all_fences()?;
+        self.fences.wait_all(&*crate::sync::Arc::clone(&self.drv), self.dev)?;
+        self.small.reclaim_idle_runs(None);
+        self.checked();
+        Ok(())
+    }
+
+    /// The figures of an OOM error, taken now.
+    pub(crate) fn oom_report(&self, requested: u64, hooks_called: u32, hooks_freed: u64, driver_error: Option<String>) -> OomReport {
+        let stats = self.stats();
+        let device_free = self.drv.mem_info(self.dev).map(|m| m.free).unwrap_or(0);
+        let limit = self.limit_bytes();
+        OomReport {
+            device: self.dev,
+            requested,
+            capacity: self.capacity,
+            device_free,
+            limit: (limit != u64::MAX).then_some(limit),
+            allocated: stats.allocated_bytes,
+            reserved: stats.reserved_bytes,
+            cached_free: stats.cached_free_bytes,
+            largest_free: stats.largest_free_bytes,
+            stranded: stats.stranded_bytes,
+            hooks_freed,
+            hooks_called,
+            driver_error,
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! The large-block pool: best fit by (stream, size, address), split, coalesce.
+//!
+//! # Data structure
+//! - `blocks`: every large block by start address: `[addr, addr + size)`, allocated, free, or
+//!   pending (freed, but waiting for streams recorded with `record_stream`).
+//! - `free_index`: the free blocks (not the pending ones) keyed by `(stream, size, addr)`, so the
+//!   best fit for a stream is one ordered lookup, O(log n).
+//!
+//! Blocks tile mapped memory: in the VMM backend, every run of mapped large slots; in the legacy
+//! backend, every `cuMemAlloc` segment. A block's `region` names what it may merge across: the
+//! segment base in the legacy backend, 0 in the VMM backend (where mapped neighbours are always
+//! contiguous device memory, and unmapped holes already separate blocks by address).
+//!
+//! # Invariants (checked by [`BlockPool::check_invariants`])
+//! - Blocks do not overlap; sizes are positive multiples of 512 B.
+//! - `free_index` holds exactly the blocks in state `Free`.
+//! - No two address-adjacent `Free` blocks share stream and region: they would have been merged.
+//!   Free neighbours of different streams stay apart: each stream reuses its own memory at once,
+//!   and another stream only after an event says the work on the first has finished.
+//!
+//! # Locking
+//! None of its own; used under the device lock.
+
+use crate::driver::{DevicePtr, Stream};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Minimum block granularity: every size and address is a multiple of it.
+pub(crate) const ROUND: u64 = 512;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlockState {
+    Allocated,
+    Free,
+    /// Freed by its owner, waiting for recorded streams; neither reusable nor mergeable yet.
+    Pending,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Block {
+    pub(crate) size: u64,
+    /// Bytes the caller asked for (allocated blocks); 0 for free ones.
+    pub(crate) requested: u64,
+    pub(crate) state: BlockState,
+    /// The stream the block was allocated on; free blocks keep the stream that last used them.
+    pub(crate) stream: Stream,
+    /// Device free sequence number of the free that made this memory free (0: never used).
+    pub(crate) free_seq: u64,
+    pub(crate) region: u64,
+}
+
+/// The large blocks of one device.
+#[derive(Debug, Default)]
+pub(crate) struct BlockPool {
+    pub(crate) blocks: BTreeMap<DevicePtr, Block>,
+    free_index: BTreeSet<(Stream, u64, DevicePtr)>,
+}
+
+/// Where a pointer falls, for error messages.
+pub(crate) enum Lookup<'a> {
+    Start(&'a Block),
+    /// Inside a block that starts at the given address.
+    Interior(DevicePtr, &'a Block),
+    Outside,
+}
+
+impl BlockPool {
+    /// Best fit for `stream`: the smallest free block of that stream holding `size` bytes.
+    #[inline]
+    pub(crate) fn best_fit(&self, stream: Stream, size: u64) -> Option<DevicePtr> {
+        self.free_index
+            .range((stream, size, 0)..)
+            .next()
+            .filter(|(s, _, _)| *s == stream)
+            .map(|&(_, _, addr)| addr)
+    }
+
+    /// Free blocks of any stream but `stream` holding `size` bytes, smallest first.
+    pub(crate) fn other_stream_fits(&self, stream: Stream, size: u64) -> Vec<DevicePtr> {
+        let mut fits: Vec<(u64, DevicePtr)> = self
+            .free_index
+            .iter()
+            .filter(|(s, sz, _)| *s != stream && *sz >= size)
+            .map(|&(_, sz, a)| (sz, a))
+            .collect();
+        fits.sort_unstable();
+        fits.into_iter().map(|(_, a)| a).collect()
+    }
+
+    /// Every free block (address, block).
+    pub(crate) fn free_blocks(&self) -> impl Iterator<Item = (DevicePtr, &Block)> {
+        self.free_index.iter().map(|&(_, _, a)| (a, &self.blocks[&a]))
+    }
+
+    pub(crate) fn get(&self, addr: DevicePtr) -> Option<&Block> {
+        self.blocks.get(&addr)
+    }
+
+    pub(crate) fn lookup(&self, ptr: DevicePtr) -> Lookup<'_> {
+        match self.blocks.range(..=ptr).next_back() {
+            Some((&a, b)) if a == ptr => Lookup::Start(b),
+            Some((&a, b)) if ptr < a + b.size => Lookup::Interior(a, b),
+            _ => Lookup::Outside,
+        }
+    }
+
+    /// Hands out the first `size` bytes of the free block at `addr` on `stream`, splitting off the
+    /// rest when at least 512 B remain. The block must be in the free index.
+    #[inline]
+    pub(crate) fn allocate_at(&mut self, addr: DevicePtr, size: u64, requested: u64, stream: Stream) {
+        let block = self.blocks.get_mut(&addr).expect("allocate_at a known block");
+        debug_assert_eq!(block.state, BlockState::Free);
+        debug_assert!(block.size >= size);
+        self.free_index.remove(&(block.stream, block.size, addr));
+        let rest = block.size - size;
+        let (rest_stream, rest_seq, region) = (block.stream, block.free_seq, block.region);
+        block.state = BlockState::Allocated;
+        block.requested = requested;
+        block.stream = stream;
+        if rest >= ROUND {
+            block.size = size;
+            let rest_addr = addr + size;
+            self.blocks.insert(
+                rest_addr,
+                Block {
+                    size: rest,
+                    requested: 0,
+                    state: BlockState::Free,
+                    stream: rest_stream,
+                    free_seq: rest_seq,
+                    region,
+                },
+            );
+            self.free_index.insert((rest_stream, rest, rest_addr));
+        }
+    }
+
+    /// Marks the allocated block at `addr` free (or pending). Returns the block's size. The caller
+    /// has checked that `addr` starts an allocated block.
+    #[inline]
+    pub(crate) fn release(&mut self, addr: DevicePtr, free_seq: u64, pending: bool) -> u64 {
+        let block = self.blocks.get_mut(&addr).expect("release of a known block");
+        debug_assert_eq!(block.state, BlockState::Allocated);
+        block.requested = 0;
+        block.free_seq = free_seq;
+        let size = block.size;
+        if pending {
+            block.state = BlockState::Pending;
+        } else {
+            block.state = BlockState::Free;
+            self.coalesce(addr);
+        }
+        size
+    }
+
+    /// A pending block whose recorded streams have finished becomes free.
+    pub(crate) fn settle_pending(&mut self, addr: DevicePtr) {
+        let block = self.blocks.get_mut(&addr).expect("settle of a known block");
+        debug_assert_eq!(block.state, BlockState::Pending);
+        block.state = BlockState::Free;
+        self.coalesce(addr);
+    }
+
+    /// Adds a new free block (fresh memory, or a stolen hole's neighbour) and merges it.
+    pub(crate) fn insert_free(&mut self, addr: DevicePtr, size: u64, stream: Stream, free_seq: u64, region: u64) -> DevicePtr {
+        debug_assert!(size > 0 && size % ROUND == 0);
+        self.blocks.insert(
+            addr,
+            Block {
+                size,
+                requested: 0,
+                state: BlockState::Free,
+                stream,
+                free_seq,
+                region,
+            },
+        );
+        self.coalesce(addr)
+    }
+
+    /// Gives a free block to another stream (its old stream's work on it is known to be done).
+    pub(crate) fn retag(&mut self, addr: DevicePtr, stream: Stream) -> DevicePtr {
+        let block = self.blocks.get_mut(&addr).expect("retag of a known block");
+        debug_assert_eq!(block.state, BlockState::Free);
+        self.free_index.remove(&(block.stream, block.size, addr));
+        block.stream = stream;
+        // Nothing of the old stream may be waited for any more; the new stream owns it now.
+        block.free_seq = 0;
+        self.coalesce(addr)
+    }
+
+    /// Merges the free block at `addr` with free neighbours of its stream and region, indexes the
+    /// result, and returns its address. The block at `addr` must not be indexed under its current
+    /// stream when called with a stale entry; any entry it has is replaced.
+    fn coalesce(&mut self, addr: DevicePtr) -> DevicePtr {
+        let b = &self.blocks[&addr];
+        let (stream, region, own_size) = (b.stream, b.region, b.size);
+        let mut seq = b.free_seq;
+        self.free_index.remove(&(stream, own_size, addr));
+        let mergeable = move |b: &Block| b.state == BlockState::Free && b.stream == stream && b.region == region;
+        let (mut start, mut size) = (addr, own_size);
+        if let Some((&pa, pb)) = self.blocks.range(..addr).next_back() {
+            if pa + pb.size == addr && mergeable(pb) {
+                let prev_size = pb.size;
+                seq = seq.max(pb.free_seq);
+                self.free_index.remove(&(stream, prev_size, pa));
+                self.blocks.remove(&addr);
+                start = pa;
+                size += prev_size;
+            }
+        }
+        let end = addr + own_size;
+        if let Some(nb) = self.blocks.get(&end) {
+            if mergeable(nb) {
+                let next_size = nb.size;
+                seq = seq.max(nb.free_seq);
+                self.free_index.remove(&(stream, next_size, end));
+                self.blocks.remove(&end);
+                size += next_size;
+            }
+        }
+        let block = self.blocks.get_mut(&start).expect("merged block");
+        block.size = size;
+        block.free_seq = seq;
+        self.free_index.insert((stream, size, start));
+        start
+    }
+
+    /// Removes `[from, to)` (page-aligned, wholly inside the free block at `addr`) from the pool:
+    /// its pages are about to be unmapped. The parts of the block on either side stay free.
+    pub(crate) fn carve(&mut self, addr: DevicePtr, from: DevicePtr, to: DevicePtr) {
+        let block = self.blocks.remove(&addr).expect("carve of a known block");
+        debug_assert_eq!(block.state, BlockState::Free);
+        debug_assert!(addr <= from && from < to && to <= addr + block.size);
+        self.free_index.remove(&(block.stream, block.size, addr));
+        for (a, len) in [(addr, from - addr), (to, addr + block.size - to)] {
+            if len > 0 {
+                self.blocks.insert(a, Block { size: len, ..block.clone() });
+                self.free_index.insert((block.stream, len, a));
+            }
+        }
+    }
+
+    /// Removes the free block at `addr` entirely (its whole segment goes back to the driver).
+    pub(crate) fn remove_free(&mut self, addr: DevicePtr) -> Block {
+        let block = self.blocks.remove(&addr).expect("remove of a known block");
+        debug_assert_eq!(block.state, BlockState::Free);
+        self.free_index.remove(&(block.stream, block.size, addr));
+        block
+    }
+
+    /// Checks the invariants in the module documentation.
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let mut prev: Option<(DevicePtr, &Block)> = None;
+        let mut free = 0;
+        for (&a, b) in &self.blocks {
+            if b.size == 0 || b.size % ROUND != 0 || a % ROUND != 0 {
+                return Err(format!("block {a:#x} has size {} or address not a multiple of 512", b.size));
+            }
+            if b.state == BlockState::Free {
+                free += 1;
+                if !self.free_index.contains(&(b.stream, b.size, a)) {
+                    return Err(format!("free block {a:#x} is not in the free index"));
+                }
+            }
+            if let Some((pa, pb)) = prev {
+                if pa + pb.size > a {
+                    return Err(format!("blocks {pa:#x} and {a:#x} overlap"));
+                }
+                if pa + pb.size == a
+                    && pb.state == BlockState::Free
+                    && b.state == BlockState::Free
+                    && pb.stream == b.stream
+                    && pb.region == b.region
+                {
+                    return Err(format!("free neighbours {pa:#x} and {a:#x} of one stream are not merged"));
+                }
+            }
+            prev = Some((a, b));
+        }
+        if free != self.free_index.len() {
+            return Err(format!("{} free blocks but {} index entries", free, self.free_index.len()));
+        }
+        Ok(())
+    }
+}

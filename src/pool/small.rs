@@ -1,0 +1,621 @@
+//! The small pool: size classes carved from granules, kept apart from the large ranges.
+//!
+//! # Data structure
+//! - A *granule* is one page set aside for small requests (a mapped physical page in the VMM
+//!   backend, a page-sized `cuMemAlloc` segment in the legacy one). It belongs to one stream and is
+//!   cut into *units* (`unit` bytes, at most 64 a granule, so a `u64` bitmap says which are used).
+//! - A *run* is a few contiguous units of one granule given to one size class and carved into equal
+//!   slots (mimalloc cuts its segments into pages the same way). Runs are far smaller than a granule
+//!   for small classes, so ~40 live classes do not strand ~40 whole granules.
+//! - Per stream and class, `partial` lists the runs with a free slot; allocation pops a slot from
+//!   the last one: O(1), no driver call.
+//! - A run whose last slot is freed goes back to its granule unless it is the only run of its class
+//!   for that stream (kept, so that an alloc/free loop does not carve and retire a run each time).
+//!   A granule with no run is *empty*: the device layer may reuse it for another stream once the
+//!   work on it is done, or unmap its page (the page is fungible again).
+//!
+//! # Invariants (checked by [`SmallPool::check_invariants`])
+//! - Runs of a granule do not overlap and their units are exactly the granule's used bits.
+//! - A run is in its stream's partial list for its class iff it has a free slot, and records its
+//!   position there.
+//! - `live` of a run counts its allocated slots; the free stack holds exactly the others.
+//! - Each granule's `live_bytes` is the sum of its allocated slots' sizes.
+//!
+//! # Locking
+//! None of its own; used under the device lock.
+
+use crate::driver::{DevicePtr, Stream};
+use crate::pages::PageId;
+use std::collections::{BTreeMap, HashMap};
+
+const NO_RUN: u32 = u32::MAX;
+const NOT_LISTED: u32 = u32::MAX;
+
+/// The size classes: slot sizes, and for each the run length in units.
+#[derive(Debug, Clone)]
+pub(crate) struct SizeClasses {
+    pub(crate) sizes: Vec<u64>,
+    run_units: Vec<u32>,
+    /// Class of each size (index: size / 512 - 1).
+    by_size: Vec<u8>,
+}
+
+impl SizeClasses {
+    /// Classes of 512 B steps up to 2 KiB, then `per_doubling` per doubling up to `small_max`.
+    pub(crate) fn new(small_max: u64, per_doubling: u32, unit: u64, units_per_granule: u32) -> Self {
+        let small_max = small_max.div_ceil(512) * 512;
+        let mut sizes: Vec<u64> = (1..=4).map(|i| i * 512).filter(|&s| s <= small_max).collect();
+        let mut base = 2048u64;
+        while base < small_max {
+            let step = base / per_doubling as u64;
+            for i in 1..=per_doubling as u64 {
+                let s = (base + i * step).div_ceil(512) * 512;
+                if s <= small_max && sizes.last() < Some(&s) {
+                    sizes.push(s);
+                }
+            }
+            base *= 2;
+        }
+        if sizes.last() < Some(&small_max) {
+            sizes.push(small_max);
+        }
+        let run_units = sizes.iter().map(|&s| Self::pick_run(s, unit, units_per_granule)).collect();
+        let mut by_size = Vec::with_capacity((small_max / 512) as usize);
+        let mut c = 0;
+        for k in 1..=small_max / 512 {
+            while sizes[c] < k * 512 {
+                c += 1;
+            }
+            by_size.push(c as u8);
+        }
+        SizeClasses { sizes, run_units, by_size }
+    }
+
+    /// Run length for slot size `s`: at least one unit and room for 8 slots where the granule
+    /// allows, then the length (up to twice that) that wastes the smallest fraction at its tail.
+    fn pick_run(s: u64, unit: u64, upg: u32) -> u32 {
+        let min = ((8 * s).max(unit).div_ceil(unit) as u32).min(upg).max(1);
+        let waste = |r: u32| ((r as u64 * unit) % s) as f64 / (r as u64 * unit) as f64;
+        (min..=(2 * min).min(upg))
+            .filter(|&r| r as u64 * unit >= s)
+            .min_by(|&a, &b| waste(a).total_cmp(&waste(b)).then(a.cmp(&b)))
+            .unwrap_or(upg)
+    }
+
+    /// Class of a rounded size (a multiple of 512 no larger than the largest class).
+    #[inline]
+    pub(crate) fn class_of(&self, size: u64) -> usize {
+        self.by_size[(size / 512 - 1) as usize] as usize
+    }
+
+    pub(crate) fn max_size(&self) -> u64 {
+        *self.sizes.last().expect("at least one class")
+    }
+}
+
+#[derive(Debug)]
+struct Run {
+    base: DevicePtr,
+    granule: u32,
+    class: u16,
+    first_unit: u16,
+    units: u16,
+    stream: Stream,
+    free: Vec<u16>,
+    live: u16,
+    /// Requested bytes per slot; 0 = free.
+    requested: Vec<u32>,
+    partial_pos: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Granule {
+    pub(crate) base: DevicePtr,
+    /// The mapped page (VMM backend); `None` for a legacy segment.
+    pub(crate) page: Option<PageId>,
+    pub(crate) stream: Stream,
+    used: u64,
+    unit_run: Vec<u32>,
+    pub(crate) live_bytes: u64,
+    /// Free sequence number of the latest free inside it.
+    pub(crate) free_seq: u64,
+}
+
+impl Granule {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.used == 0
+    }
+}
+
+#[derive(Debug, Default)]
+struct StreamLists {
+    partial: Vec<Vec<u32>>,
+    granules: Vec<u32>,
+}
+
+/// What a free found.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum SmallFree {
+    /// Freed a slot of this size and requested size.
+    Freed { size: u64, requested: u64 },
+    DoubleFree,
+    Interior(DevicePtr),
+    Unknown,
+}
+
+/// One allocated slot, for snapshots.
+pub(crate) struct SlotInfo {
+    pub(crate) addr: DevicePtr,
+    pub(crate) size: u64,
+    pub(crate) requested: u64,
+    pub(crate) stream: Stream,
+}
+
+/// The small pool of one device.
+#[derive(Debug)]
+pub(crate) struct SmallPool {
+    pub(crate) classes: SizeClasses,
+    pub(crate) granule_size: u64,
+    unit: u64,
+    units_per_granule: u32,
+    granules: Vec<Option<Granule>>,
+    free_granule_ids: Vec<u32>,
+    by_addr: BTreeMap<DevicePtr, u32>,
+    runs: Vec<Option<Run>>,
+    free_run_ids: Vec<u32>,
+    streams: HashMap<Stream, StreamLists>,
+}
+
+impl SmallPool {
+    pub(crate) fn new(granule_size: u64, small_max: u64, per_doubling: u32) -> Self {
+        let unit = (64u64 << 10).max(granule_size / 64).min(granule_size);
+        let units_per_granule = (granule_size / unit) as u32;
+        SmallPool {
+            classes: SizeClasses::new(small_max, per_doubling, unit, units_per_granule),
+            granule_size,
+            unit,
+            units_per_granule,
+            granules: Vec::new(),
+            free_granule_ids: Vec::new(),
+            by_addr: BTreeMap::new(),
+            runs: Vec::new(),
+            free_run_ids: Vec::new(),
+            streams: HashMap::new(),
+        }
+    }
+
+    /// The hot path: a free slot of `class` on `stream`, if a run has one.
+    #[inline]
+    pub(crate) fn alloc(&mut self, stream: Stream, class: usize, requested: u64) -> Option<DevicePtr> {
+        let lists = self.streams.get_mut(&stream)?;
+        let list = lists.partial.get_mut(class)?;
+        let &run_id = list.last()?;
+        let run = self.runs[run_id as usize].as_mut().expect("listed run is live");
+        let slot = run.free.pop().expect("a listed run has a free slot");
+        run.live += 1;
+        run.requested[slot as usize] = requested as u32;
+        if run.free.is_empty() {
+            list.pop();
+            run.partial_pos = NOT_LISTED;
+        }
+        let size = self.classes.sizes[class];
+        let g = self.granules[run.granule as usize].as_mut().expect("run's granule is live");
+        g.live_bytes += size;
+        Some(run.base + slot as u64 * size)
+    }
+
+    /// Carves a new run of `class` for `stream` from the stream's granules (reclaiming its idle
+    /// empty runs first if none has room). Returns false when a new granule is needed.
+    #[cold]
+    pub(crate) fn grow(&mut self, stream: Stream, class: usize) -> bool {
+        if self.carve_run(stream, class) {
+            return true;
+        }
+        self.reclaim_idle_runs(Some(stream));
+        self.carve_run(stream, class)
+    }
+
+    fn carve_run(&mut self, stream: Stream, class: usize) -> bool {
+        let need = self.classes.run_units[class];
+        let Some(lists) = self.streams.get(&stream) else { return false };
+        let found = lists.granules.iter().find_map(|&gid| {
+            let g = self.granules[gid as usize].as_ref().expect("listed granule is live");
+            find_free_units(g.used, self.units_per_granule, need).map(|u| (gid, u))
+        });
+        let Some((gid, first)) = found else { return false };
+        let size = self.classes.sizes[class];
+        let slots = (need as u64 * self.unit / size) as u16;
+        let g = self.granules[gid as usize].as_mut().expect("live granule");
+        let run = Run {
+            base: g.base + first as u64 * self.unit,
+            granule: gid,
+            class: class as u16,
+            first_unit: first as u16,
+            units: need as u16,
+            stream,
+            // Pop order hands out low addresses first.
+            free: (0..slots).rev().collect(),
+            live: 0,
+            requested: vec![0; slots as usize],
+            partial_pos: NOT_LISTED,
+        };
+        let run_id = match self.free_run_ids.pop() {
+            Some(id) => id,
+            None => {
+                self.runs.push(None);
+                (self.runs.len() - 1) as u32
+            }
+        };
+        for u in first..first + need {
+            g.used |= 1 << u;
+            g.unit_run[u as usize] = run_id;
+        }
+        self.runs[run_id as usize] = Some(run);
+        self.list_run(run_id);
+        true
+    }
+
+    fn list_run(&mut self, run_id: u32) {
+        let run = self.runs[run_id as usize].as_mut().expect("live run");
+        let ncls = self.classes.sizes.len();
+        let lists = self.streams.entry(run.stream).or_default();
+        lists.partial.resize_with(ncls, Vec::new);
+        let list = &mut lists.partial[run.class as usize];
+        run.partial_pos = list.len() as u32;
+        list.push(run_id);
+    }
+
+    fn unlist_run(&mut self, run_id: u32) {
+        let run = self.runs[run_id as usize].as_ref().expect("live run");
+        let (pos, class, stream) = (run.partial_pos, run.class as usize, run.stream);
+        if pos == NOT_LISTED {
+            return;
+        }
+        let list = &mut self.streams.get_mut(&stream).expect("stream lists").partial[class];
+        list.swap_remove(pos as usize);
+        if let Some(&moved) = list.get(pos as usize) {
+            self.runs[moved as usize].as_mut().expect("live run").partial_pos = pos;
+        }
+        self.runs[run_id as usize].as_mut().expect("live run").partial_pos = NOT_LISTED;
+    }
+
+    /// Gives a run's units back to its granule.
+    fn retire_run(&mut self, run_id: u32) {
+        self.unlist_run(run_id);
+        let run = self.runs[run_id as usize].take().expect("live run");
+        debug_assert_eq!(run.live, 0);
+        self.free_run_ids.push(run_id);
+        let g = self.granules[run.granule as usize].as_mut().expect("live granule");
+        for u in run.first_unit..run.first_unit + run.units {
+            g.used &= !(1 << u);
+            g.unit_run[u as usize] = NO_RUN;
+        }
+    }
+
+    /// Retires every run with no live slot (of one stream, or of all).
+    pub(crate) fn reclaim_idle_runs(&mut self, stream: Option<Stream>) {
+        let idle: Vec<u32> = self
+            .runs
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| r.as_ref().map(|r| (i as u32, r)))
+            .filter(|(_, r)| r.live == 0 && stream.is_none_or(|s| s == r.stream))
+            .map(|(i, _)| i)
+            .collect();
+        for id in idle {
+            self.retire_run(id);
+        }
+    }
+
+    /// Adds a fresh granule (page-aligned `base`) for `stream`.
+    pub(crate) fn add_granule(&mut self, base: DevicePtr, page: Option<PageId>, stream: Stream) {
+        let g = Granule {
+            base,
+            page,
+            stream,
+            used: 0,
+            unit_run: vec![NO_RUN; self.units_per_granule as usize],
+            live_bytes: 0,
+            free_seq: 0,
+        };
+        let gid = match self.free_granule_ids.pop() {
+            Some(id) => {
+                self.granules[id as usize] = Some(g);
+                id
+            }
+            None => {
+                self.granules.push(Some(g));
+                (self.granules.len() - 1) as u32
+            }
+        };
+        self.by_addr.insert(base, gid);
+        self.streams.entry(stream).or_default().granules.push(gid);
+    }
+
+    /// Empty granules (no run), with their stream and latest free sequence number.
+    pub(crate) fn empty_granules(&self) -> impl Iterator<Item = &Granule> {
+        self.granules.iter().flatten().filter(|g| g.is_empty())
+    }
+
+    /// Moves the empty granule at `base` to `stream` (its old stream's work on it is done).
+    pub(crate) fn retag_granule(&mut self, base: DevicePtr, stream: Stream) {
+        let gid = self.by_addr[&base];
+        let g = self.granules[gid as usize].as_mut().expect("live granule");
+        debug_assert!(g.is_empty());
+        let old = std::mem::replace(&mut g.stream, stream);
+        g.free_seq = 0;
+        if let Some(lists) = self.streams.get_mut(&old) {
+            lists.granules.retain(|&x| x != gid);
+        }
+        self.streams.entry(stream).or_default().granules.push(gid);
+    }
+
+    /// Removes the empty granule at `base` (its page is about to be unmapped or freed).
+    pub(crate) fn remove_granule(&mut self, base: DevicePtr) -> Granule {
+        let gid = self.by_addr.remove(&base).expect("known granule");
+        let g = self.granules[gid as usize].take().expect("live granule");
+        debug_assert!(g.is_empty());
+        if let Some(lists) = self.streams.get_mut(&g.stream) {
+            lists.granules.retain(|&x| x != gid);
+        }
+        self.free_granule_ids.push(gid);
+        g
+    }
+
+    fn locate(&self, ptr: DevicePtr) -> Option<(u32, u32)> {
+        let (&base, &gid) = self.by_addr.range(..=ptr).next_back()?;
+        if ptr >= base + self.granule_size {
+            return None;
+        }
+        let g = self.granules[gid as usize].as_ref().expect("live granule");
+        let run = g.unit_run[((ptr - base) / self.unit) as usize];
+        (run != NO_RUN).then_some((gid, run))
+    }
+
+    /// Whether `ptr` lies in a granule of this pool.
+    pub(crate) fn owns(&self, ptr: DevicePtr) -> bool {
+        matches!(self.by_addr.range(..=ptr).next_back(), Some((&b, _)) if ptr < b + self.granule_size)
+    }
+
+    /// The allocated slot starting at `ptr`: (size, requested, stream).
+    pub(crate) fn slot_of(&self, ptr: DevicePtr) -> Option<(DevicePtr, u64, u64, Stream)> {
+        let (_, run_id) = self.locate(ptr)?;
+        let run = self.runs[run_id as usize].as_ref().expect("live run");
+        let size = self.classes.sizes[run.class as usize];
+        let slot = (ptr - run.base) / size;
+        let req = *run.requested.get(slot as usize)?;
+        (req != 0).then_some((run.base + slot * size, size, req as u64, run.stream))
+    }
+
+    /// Frees the slot at `ptr`, at device free sequence `seq`.
+    #[inline]
+    pub(crate) fn free(&mut self, ptr: DevicePtr, seq: u64) -> SmallFree {
+        let Some((gid, run_id)) = self.locate(ptr) else { return SmallFree::Unknown };
+        let run = self.runs[run_id as usize].as_mut().expect("live run");
+        let size = self.classes.sizes[run.class as usize];
+        let off = ptr - run.base;
+        let slot = (off / size) as usize;
+        if slot >= run.requested.len() {
+            return SmallFree::Unknown;
+        }
+        if off % size != 0 {
+            return if run.requested[slot] != 0 {
+                SmallFree::Interior(run.base + slot as u64 * size)
+            } else {
+                SmallFree::Unknown
+            };
+        }
+        let requested = std::mem::take(&mut run.requested[slot]);
+        if requested == 0 {
+            return SmallFree::DoubleFree;
+        }
+        run.free.push(slot as u16);
+        run.live -= 1;
+        let (was_full, now_idle, class, stream) = (run.free.len() == 1, run.live == 0, run.class as usize, run.stream);
+        let g = self.granules[gid as usize].as_mut().expect("live granule");
+        g.live_bytes -= size;
+        g.free_seq = seq;
+        if was_full {
+            self.list_run(run_id);
+        }
+        if now_idle {
+            // Keep the stream's last run of this class as a cache; give the others back.
+            let others = self.streams[&stream].partial[class].len() > 1;
+            if others {
+                self.retire_run(run_id);
+            }
+        }
+        SmallFree::Freed {
+            size,
+            requested: requested as u64,
+        }
+    }
+
+    /// Every granule, for stats and snapshots.
+    pub(crate) fn granules(&self) -> impl Iterator<Item = &Granule> {
+        self.granules.iter().flatten()
+    }
+
+    pub(crate) fn granule_count(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    /// Every allocated slot of the granule at `base`.
+    pub(crate) fn slots_in(&self, base: DevicePtr) -> Vec<SlotInfo> {
+        let mut out = Vec::new();
+        let g = self.granules[self.by_addr[&base] as usize].as_ref().expect("live granule");
+        let mut seen = NO_RUN;
+        for &rid in &g.unit_run {
+            if rid == NO_RUN || rid == seen {
+                continue;
+            }
+            seen = rid;
+            let run = self.runs[rid as usize].as_ref().expect("live run");
+            let size = self.classes.sizes[run.class as usize];
+            for (i, &req) in run.requested.iter().enumerate() {
+                if req != 0 {
+                    out.push(SlotInfo {
+                        addr: run.base + i as u64 * size,
+                        size,
+                        requested: req as u64,
+                        stream: run.stream,
+                    });
+                }
+            }
+        }
+        out
+    }
+
+    /// (allocated bytes, requested bytes, allocated slots) over the whole pool.
+    pub(crate) fn totals(&self) -> (u64, u64, u64) {
+        let mut t = (0, 0, 0);
+        for run in self.runs.iter().flatten() {
+            let size = self.classes.sizes[run.class as usize];
+            t.0 += run.live as u64 * size;
+            t.1 += run.requested.iter().map(|&r| r as u64).sum::<u64>();
+            t.2 += run.live as u64;
+        }
+        t
+    }
+
+    /// Checks the invariants in the module documentation.
+    pub(crate) fn check_invariants(&self) -> Result<(), String> {
+        let mut used = vec![0u64; self.granules.len()];
+        let mut live_bytes = vec![0u64; self.granules.len()];
+        for (rid, run) in self.runs.iter().enumerate() {
+            let Some(run) = run else { continue };
+            let Some(g) = self.granules.get(run.granule as usize).and_then(Option::as_ref) else {
+                return Err(format!("run {rid} points at a dead granule"));
+            };
+            let size = self.classes.sizes[run.class as usize];
+            if run.base != g.base + run.first_unit as u64 * self.unit {
+                return Err(format!("run {rid} base does not match its first unit"));
+            }
+            if run.requested.len() as u64 * size > run.units as u64 * self.unit {
+                return Err(format!("run {rid} slots overflow its units"));
+            }
+            if run.stream != g.stream {
+                return Err(format!("run {rid} and its granule belong to different streams"));
+            }
+            for u in run.first_unit..run.first_unit + run.units {
+                if used[run.granule as usize] & (1 << u) != 0 || g.unit_run[u as usize] != rid as u32 {
+                    return Err(format!("run {rid} unit {u} overlaps or is not recorded"));
+                }
+                used[run.granule as usize] |= 1 << u;
+            }
+            let live = run.requested.iter().filter(|&&r| r != 0).count();
+            if live != run.live as usize || live + run.free.len() != run.requested.len() {
+                return Err(format!("run {rid}: live {} / free {} disagree with slots", run.live, run.free.len()));
+            }
+            if run.free.iter().any(|&s| run.requested[s as usize] != 0) {
+                return Err(format!("run {rid} free stack holds an allocated slot"));
+            }
+            live_bytes[run.granule as usize] += live as u64 * size;
+            let listed = self
+                .streams
+                .get(&run.stream)
+                .and_then(|l| l.partial.get(run.class as usize))
+                .and_then(|l| l.get(run.partial_pos as usize))
+                == Some(&(rid as u32));
+            if listed != !run.free.is_empty() {
+                return Err(format!("run {rid}: listed {listed} but {} free slots", run.free.len()));
+            }
+        }
+        for (gid, g) in self.granules.iter().enumerate() {
+            let Some(g) = g else { continue };
+            if g.used != used[gid] {
+                return Err(format!("granule {:#x} used bits disagree with its runs", g.base));
+            }
+            if g.live_bytes != live_bytes[gid] {
+                return Err(format!("granule {:#x} live_bytes {} but slots hold {}", g.base, g.live_bytes, live_bytes[gid]));
+            }
+            if self.by_addr.get(&g.base) != Some(&(gid as u32)) {
+                return Err(format!("granule {:#x} is not indexed by address", g.base));
+            }
+            if !self.streams.get(&g.stream).is_some_and(|l| l.granules.contains(&(gid as u32))) {
+                return Err(format!("granule {:#x} is not in its stream's list", g.base));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// First index of `need` consecutive zero bits among the low `n` bits of `used`.
+fn find_free_units(used: u64, n: u32, need: u32) -> Option<u32> {
+    let mut run = 0;
+    for u in 0..n {
+        if used & (1 << u) == 0 {
+            run += 1;
+            if run == need {
+                return Some(u + 1 - need);
+            }
+        } else {
+            run = 0;
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_cover_every_size_with_bounded_waste() {
+        let c = SizeClasses::new(1 << 20, 4, 64 << 10, 32);
+        assert_eq!(&c.sizes[..4], &[512, 1024, 1536, 2048]);
+        assert_eq!(c.max_size(), 1 << 20);
+        assert!(c.sizes.len() <= 48, "{} classes", c.sizes.len());
+        for k in 1..=(1u64 << 20) / 512 {
+            let s = k * 512;
+            let cls = c.sizes[c.class_of(s)];
+            assert!(cls >= s);
+            // Four classes per doubling: at most 25% (plus 512 B rounding) above the request.
+            assert!(cls <= s + s / 4 + 512, "{s} -> {cls}");
+        }
+    }
+
+    #[test]
+    fn runs_fit_in_a_granule() {
+        let c = SizeClasses::new(1 << 20, 4, 64 << 10, 32);
+        for (i, &s) in c.sizes.iter().enumerate() {
+            let bytes = c.run_units[i] as u64 * (64 << 10);
+            assert!(bytes <= 2 << 20 && bytes >= s, "class {s}: run {bytes}");
+        }
+    }
+
+    #[test]
+    fn alloc_free_reuses_slots_and_detects_double_free() {
+        let mut p = SmallPool::new(2 << 20, 1 << 20, 4);
+        let s = Stream(7);
+        let cls = p.classes.class_of(4096);
+        assert_eq!(p.alloc(s, cls, 4000), None);
+        assert!(!p.grow(s, cls), "no granule yet");
+        p.add_granule(0x1000_0000, None, s);
+        assert!(p.grow(s, cls));
+        let a = p.alloc(s, cls, 4000).unwrap();
+        let b = p.alloc(s, cls, 4096).unwrap();
+        assert_eq!(b, a + 4096);
+        p.check_invariants().unwrap();
+        assert_eq!(p.free(a + 8, 1), SmallFree::Interior(a));
+        assert_eq!(p.free(a, 1), SmallFree::Freed { size: 4096, requested: 4000 });
+        assert_eq!(p.free(a, 2), SmallFree::DoubleFree);
+        assert_eq!(p.free(0x2000_0000, 2), SmallFree::Unknown);
+        assert_eq!(p.alloc(s, cls, 512), Some(a), "freed slot reused first");
+        p.free(a, 3);
+        p.free(b, 4);
+        p.check_invariants().unwrap();
+        // The only run of its class stays cached; reclaiming empties the granule.
+        assert_eq!(p.empty_granules().count(), 0);
+        p.reclaim_idle_runs(None);
+        assert_eq!(p.empty_granules().count(), 1);
+        p.check_invariants().unwrap();
+    }
+
+    #[test]
+    fn free_units_search() {
+        assert_eq!(find_free_units(0, 32, 32), Some(0));
+        assert_eq!(find_free_units(0b1011, 32, 2), Some(4));
+        assert_eq!(find_free_units(u32::MAX as u64, 32, 1), None);
+    }
+}

@@ -1,0 +1,117 @@
+//! Shared test support: a simulated device and a tracker that writes a pattern into every live
+//! allocation and checks all of them after every operation (remaps included).
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use tessera::driver::sim::{SimConfig, SimDriver};
+use tessera::driver::{DevicePtr, Stream};
+use tessera::{Config, Tessera};
+
+pub const MIB: u64 = 1 << 20;
+pub const GIB: u64 = 1 << 30;
+
+/// A simulated device of `capacity` bytes and an allocator over it (invariants checked after
+/// every mutation).
+pub fn sim_alloc(capacity: u64, config: Config) -> (Arc<SimDriver>, Tessera) {
+    let sim = Arc::new(SimDriver::new(SimConfig {
+        capacity,
+        ..SimConfig::default()
+    }));
+    let config = Config {
+        check_invariants: true,
+        ..config
+    };
+    let t = Tessera::new(sim.clone(), config).expect("allocator over the simulated device");
+    (sim, t)
+}
+
+/// Stride between pattern words: one `u64` every 512 B covers every page and every block.
+const STRIDE: u64 = 512;
+
+fn word(seed: u64, i: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)
+}
+
+/// Live allocations with their patterns.
+#[derive(Default)]
+pub struct Tracker {
+    live: HashMap<DevicePtr, (u64, u64)>,
+    next_seed: u64,
+}
+
+impl Tracker {
+    /// Records a new allocation and writes its pattern.
+    pub fn add(&mut self, ptr: DevicePtr, size: u64) {
+        self.next_seed += 1;
+        let seed = self.next_seed;
+        for (i, off) in offsets(size).enumerate() {
+            // SAFETY: `ptr` is a live simulated-device allocation of at least `size` bytes, mapped
+            // read/write in this process; `off + 8 <= size`, and offsets are 8-aligned.
+            unsafe { ((ptr + off) as *mut u64).write(word(seed, i as u64)) };
+        }
+        assert!(self.live.insert(ptr, (size, seed)).is_none(), "pointer {ptr:#x} handed out twice");
+    }
+
+    pub fn remove(&mut self, ptr: DevicePtr) -> u64 {
+        self.check_one(ptr);
+        self.live.remove(&ptr).expect("tracked pointer").0
+    }
+
+    fn check_one(&self, ptr: DevicePtr) {
+        let (size, seed) = self.live[&ptr];
+        for (i, off) in offsets(size).enumerate() {
+            // SAFETY: as in `add`; the allocation is still live.
+            let got = unsafe { ((ptr + off) as *const u64).read() };
+            assert_eq!(got, word(seed, i as u64), "allocation {ptr:#x} (size {size}) corrupted at offset {off}");
+        }
+    }
+
+    /// Checks every live allocation's pattern, and that no two overlap.
+    pub fn check(&self) {
+        let mut spans: Vec<(u64, u64)> = self.live.iter().map(|(&p, &(s, _))| (p, p + s)).collect();
+        spans.sort_unstable();
+        for w in spans.windows(2) {
+            assert!(w[0].1 <= w[1].0, "allocations {:#x} and {:#x} overlap", w[0].0, w[1].0);
+        }
+        for &ptr in self.live.keys() {
+            self.check_one(ptr);
+        }
+    }
+
+    pub fn ptrs(&self) -> Vec<DevicePtr> {
+        let mut v: Vec<_> = self.live.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    pub fn len(&self) -> usize {
+        self.live.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.live.is_empty()
+    }
+}
+
+fn offsets(size: u64) -> impl Iterator<Item = u64> {
+    let last = size - 8;
+    (0..size.div_ceil(STRIDE)).map(move |i| (i * STRIDE).min(last) & !7)
+}
+
+/// Allocates, tracks, checks.
+pub fn alloc(t: &Tessera, tr: &mut Tracker, size: u64, stream: Stream) -> tessera::Result<DevicePtr> {
+    let p = t.allocate(0, size, stream)?;
+    tr.add(p, size);
+    tr.check();
+    t.check_invariants(0).unwrap();
+    Ok(p)
+}
+
+/// Frees, untracks, checks.
+pub fn free(t: &Tessera, tr: &mut Tracker, ptr: DevicePtr) {
+    tr.remove(ptr);
+    t.free(0, ptr).expect("free of a live allocation");
+    tr.check();
+    t.check_invariants(0).unwrap();
+}
