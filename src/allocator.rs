@@ -44,7 +44,11 @@ impl fmt::Debug for Hooks {
 impl Hooks {
     /// The hooks now, in order, copied out so that none runs under this lock.
     pub(crate) fn snapshot(&self) -> Vec<OomHook> {
-        self.list.lock().iter().map(|(_, h)| Arc::clone(h)).collect()
+        self.list
+            .lock()
+            .iter()
+            .map(|(_, h)| Arc::clone(h))
+            .collect()
     }
 }
 
@@ -177,24 +181,27 @@ impl Tessera {
     }
 
     fn device_of(&self, ptr: DevicePtr) -> Result<usize> {
-        self.address_map.device_of(ptr).ok_or(Error::UnknownPointer {
-            ptr,
-            device: None,
-            interior_of: None,
-        })
+        self.address_map
+            .device_of(ptr)
+            .ok_or(Error::UnknownPointer {
+                ptr,
+                device: None,
+                interior_of: None,
+            })
     }
 
     /// The live allocation holding `ptr` (which may point inside it).
     pub fn allocation(&self, ptr: DevicePtr) -> Option<Allocation> {
         let dev = self.address_map.device_of(ptr)?;
         let st = self.device(dev).ok()?.state.lock();
-        st.allocation(ptr).map(|(base, size, requested, stream)| Allocation {
-            device: dev,
-            base,
-            size,
-            requested,
-            stream,
-        })
+        st.allocation(ptr)
+            .map(|(base, size, requested, stream)| Allocation {
+                device: dev,
+                base,
+                size,
+                requested,
+                stream,
+            })
     }
 
     /// Marks the allocation at `ptr` as used on `stream` too: its memory is not reused or
@@ -252,7 +259,9 @@ impl Tessera {
     /// Limits `device` to a fraction of its total memory (PyTorch's `set_per_process_memory_fraction`).
     pub fn set_memory_fraction(&self, device: usize, fraction: f64) -> Result<()> {
         if !(fraction > 0.0 && fraction <= 1.0) {
-            return Err(Error::Config(format!("memory fraction {fraction} is not in (0, 1]")));
+            return Err(Error::Config(format!(
+                "memory fraction {fraction} is not in (0, 1]"
+            )));
         }
         self.device(device)?.state.lock().fraction = Some(fraction);
         Ok(())

@@ -3,7 +3,12 @@
 
 /// Formats a byte count with binary units and two decimals: `512 B`, `1.50 KiB`, `2.00 MiB`.
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
     for (name, unit) in UNITS {
         if bytes >= unit {
             return format!("{:.2} {}", bytes as f64 / unit as f64, name);
@@ -22,7 +27,9 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("'{text}' is not a size (expected a number with an optional unit such as MiB)"));
+        return Err(format!(
+            "'{text}' is not a size (expected a number with an optional unit such as MiB)"
+        ));
     }
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
@@ -30,7 +37,11 @@ pub fn parse_bytes(text: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("'{text}' has an unknown unit '{other}' (use B, KiB, MiB, GiB or TiB)")),
+        other => {
+            return Err(format!(
+                "'{text}' has an unknown unit '{other}' (use B, KiB, MiB, GiB or TiB)"
+            ))
+        }
     };
     if let Ok(n) = num.parse::<u64>() {
         return n

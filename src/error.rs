@@ -42,7 +42,9 @@ pub enum Error {
 }
 
 fn dev_suffix(device: Option<usize>) -> String {
-    device.map(|d| format!(" on device {d}")).unwrap_or_default()
+    device
+        .map(|d| format!(" on device {d}"))
+        .unwrap_or_default()
 }
 
 fn interior_suffix(base: Option<DevicePtr>) -> String {
@@ -132,7 +134,10 @@ impl OomReport {
         let ceiling = self.limit.unwrap_or(self.capacity).min(self.capacity);
         if self.requested > ceiling {
             "the request alone is larger than the device or the limit; split it or use a larger device."
-        } else if self.limit.is_some_and(|l| l < self.capacity && self.reserved + self.requested > l) {
+        } else if self
+            .limit
+            .is_some_and(|l| l < self.capacity && self.reserved + self.requested > l)
+        {
             "the tessera limit was reached; raise it (limit / memory fraction) if the device has room."
         } else if self.reserved < ceiling / 2 && self.device_free < self.requested {
             "other processes or allocators hold most of the device; free memory there."

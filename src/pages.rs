@@ -136,7 +136,12 @@ impl PageTable {
 
     /// `cuMemRelease` an unmapped page that is in no pool. On error the page stays live (the
     /// caller puts it back in the pool).
-    pub(crate) fn release_page(&mut self, drv: &dyn Driver, dev: usize, id: PageId) -> DriverResult<()> {
+    pub(crate) fn release_page(
+        &mut self,
+        drv: &dyn Driver,
+        dev: usize,
+        id: PageId,
+    ) -> DriverResult<()> {
         let handle = self.page(id).handle;
         debug_assert!(self.page(id).va.is_none());
         drv.release_physical(dev, handle)?;
@@ -216,9 +221,17 @@ impl PageTable {
         Ok(self.ranges[r].base)
     }
 
-    fn reserve_range(&mut self, drv: &dyn Driver, dev: usize, kind: RangeKind, min_slots: usize) -> DriverResult<usize> {
+    fn reserve_range(
+        &mut self,
+        drv: &dyn Driver,
+        dev: usize,
+        kind: RangeKind,
+        min_slots: usize,
+    ) -> DriverResult<usize> {
         // One guard slot at the end keeps ranges that the driver placed back to back apart.
-        let size = self.reserve_size.max((min_slots as u64 + 1) * self.page_size);
+        let size = self
+            .reserve_size
+            .max((min_slots as u64 + 1) * self.page_size);
         let base = drv.reserve(dev, size, self.page_size)?;
         let range = VirtualRange {
             base,
@@ -234,7 +247,13 @@ impl PageTable {
     /// Maps `pages` at consecutive slots from `va` (all holes of one range) and grants access over
     /// the whole run. All or nothing: on error every page is unmapped again and left unplaced (the
     /// caller pools them) and no slot changes. Returns the number of pages that were remaps.
-    pub(crate) fn map_run(&mut self, drv: &dyn Driver, dev: usize, va: DevicePtr, pages: &[PageId]) -> DriverResult<u64> {
+    pub(crate) fn map_run(
+        &mut self,
+        drv: &dyn Driver,
+        dev: usize,
+        va: DevicePtr,
+        pages: &[PageId],
+    ) -> DriverResult<u64> {
         let ps = self.page_size;
         let mut done = 0usize;
         let mut result = Ok(());
@@ -277,7 +296,12 @@ impl PageTable {
 
     /// Unmaps the page at page-aligned `va`. The slot becomes a hole and the page is returned,
     /// unplaced (the caller pools or releases it). On error nothing changes.
-    pub(crate) fn unmap_page(&mut self, drv: &dyn Driver, dev: usize, va: DevicePtr) -> DriverResult<PageId> {
+    pub(crate) fn unmap_page(
+        &mut self,
+        drv: &dyn Driver,
+        dev: usize,
+        va: DevicePtr,
+    ) -> DriverResult<PageId> {
         let r = self.range_of(va).expect("unmap inside a range");
         let s = self.slot_index(r, va);
         let Slot::Mapped(id) = self.ranges[r].slots[s] else {
@@ -328,7 +352,10 @@ impl PageTable {
                 return Err(format!("range {:#x} has its guard slot mapped", range.base));
             }
             if range.slots[..range.first_hole].contains(&Slot::Hole) {
-                return Err(format!("range {:#x}: first_hole is past a hole", range.base));
+                return Err(format!(
+                    "range {:#x}: first_hole is past a hole",
+                    range.base
+                ));
             }
             for (i, slot) in range.slots.iter().enumerate() {
                 if let Slot::Mapped(id) = *slot {
@@ -353,16 +380,24 @@ impl PageTable {
             }
         }
         if mapped != self.mapped_pages {
-            return Err(format!("mapped_pages {} but {} slots mapped", self.mapped_pages, mapped));
+            return Err(format!(
+                "mapped_pages {} but {} slots mapped",
+                self.mapped_pages, mapped
+            ));
         }
         let live = self.pages.iter().filter(|p| p.is_some()).count() as u64;
         if live != self.live_pages {
-            return Err(format!("live_pages {} but {} pages live", self.live_pages, live));
+            return Err(format!(
+                "live_pages {} but {} pages live",
+                self.live_pages, live
+            ));
         }
         for (id, page) in self.pages.iter().enumerate() {
             match (page.is_some(), seen[id]) {
                 (true, 1) | (false, 0) => {}
-                (true, n) => return Err(format!("live page {id} is in {n} places (want exactly 1)")),
+                (true, n) => {
+                    return Err(format!("live page {id} is in {n} places (want exactly 1)"))
+                }
                 (false, _) => return Err(format!("dead page {id} is still placed")),
             }
         }

@@ -17,18 +17,29 @@ fn remapping_serves_a_request_that_no_free_range_fits() {
         blocks.push(alloc(&t, &mut tr, 2 * MIB, Stream::DEFAULT).unwrap());
     }
     assert_eq!(t.stats(0).unwrap().reserved_bytes, 64 * MIB);
-    assert!(t.allocate(0, 2 * MIB, Stream::DEFAULT).is_err(), "the device is full");
+    assert!(
+        t.allocate(0, 2 * MIB, Stream::DEFAULT).is_err(),
+        "the device is full"
+    );
     // Free every other block: 32 MiB free, but no two free pages adjacent.
     for p in blocks.iter().step_by(2) {
         free(&t, &mut tr, *p);
     }
     let before = t.stats(0).unwrap();
     assert_eq!(before.allocated_bytes, 32 * MIB);
-    assert_eq!(before.largest_free_bytes, 32 * MIB, "all free pages can be gathered");
-    let big = alloc(&t, &mut tr, 32 * MIB, Stream::DEFAULT).expect("remapping gathers the free pages");
+    assert_eq!(
+        before.largest_free_bytes,
+        32 * MIB,
+        "all free pages can be gathered"
+    );
+    let big =
+        alloc(&t, &mut tr, 32 * MIB, Stream::DEFAULT).expect("remapping gathers the free pages");
     let after = t.stats(0).unwrap();
     assert_eq!(after.reserved_bytes, 64 * MIB, "no new memory was needed");
-    assert_eq!(after.remaps, 16, "each of the 16 free pages was remapped once");
+    assert_eq!(
+        after.remaps, 16,
+        "each of the 16 free pages was remapped once"
+    );
     assert_eq!(sim.bytes_in_use(0), 64 * MIB);
     tr.check();
     // The surviving blocks kept their addresses and data; the new one is usable end to end.
@@ -70,7 +81,10 @@ fn legacy_backend_fails_the_same_request_and_says_why() {
     assert!(msg.starts_with("CUDA out of memory."), "{msg}");
     assert!(msg.contains("Tried to allocate 32.00 MiB"), "{msg}");
     assert!(msg.contains("32.00 MiB cached free"), "{msg}");
-    assert!(msg.contains("largest free range 4.00 MiB") || msg.contains("largest free range 2.00 MiB"), "{msg}");
+    assert!(
+        msg.contains("largest free range 4.00 MiB") || msg.contains("largest free range 2.00 MiB"),
+        "{msg}"
+    );
     tr.check();
     t.check_invariants(0).unwrap();
 }

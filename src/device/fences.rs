@@ -47,7 +47,13 @@ impl Fences {
 
     /// Records (or re-records) the fence of `stream` to cover sequence `upto`, unless it already
     /// does. Non-blocking.
-    pub(crate) fn request(&mut self, drv: &dyn Driver, dev: usize, stream: Stream, upto: u64) -> DriverResult<()> {
+    pub(crate) fn request(
+        &mut self,
+        drv: &dyn Driver,
+        dev: usize,
+        stream: Stream,
+        upto: u64,
+    ) -> DriverResult<()> {
         let f = self.streams.entry(stream).or_default();
         if f.settled >= upto || f.pending.is_some_and(|(_, s)| s >= upto) {
             return Ok(());
@@ -94,7 +100,13 @@ impl Fences {
     /// Destroys every event (teardown; errors ignored).
     pub(crate) fn teardown(&mut self, drv: &dyn Driver, dev: usize) {
         for f in self.streams.values_mut() {
-            for ev in f.pending.take().map(|(e, _)| e).into_iter().chain(f.idle.take()) {
+            for ev in f
+                .pending
+                .take()
+                .map(|(e, _)| e)
+                .into_iter()
+                .chain(f.idle.take())
+            {
                 let _ = drv.event_destroy(dev, ev);
             }
         }

@@ -43,7 +43,13 @@ type Slow<T> = std::result::Result<T, Shortfall>;
 impl DeviceState {
     /// Serves a request that missed the cache, without the OOM sequence. With `wait`, waits for
     /// streams whose work holds memory back.
-    pub(crate) fn allocate_slow(&mut self, rounded: u64, requested: u64, stream: Stream, wait: bool) -> Slow<DevicePtr> {
+    pub(crate) fn allocate_slow(
+        &mut self,
+        rounded: u64,
+        requested: u64,
+        stream: Stream,
+        wait: bool,
+    ) -> Slow<DevicePtr> {
         self.settle_pending(wait)?;
         if wait {
             self.request_all_fences()?;
@@ -69,8 +75,12 @@ impl DeviceState {
                 debug_assert!(grown, "a fresh granule holds a run of every class");
             }
         }
-        let ptr = self.small.alloc(stream, class, requested).expect("a fresh run has a free slot");
-        self.c.note_alloc(self.small.classes.sizes[class], requested);
+        let ptr = self
+            .small
+            .alloc(stream, class, requested)
+            .expect("a fresh run has a free slot");
+        self.c
+            .note_alloc(self.small.classes.sizes[class], requested);
         Ok(ptr)
     }
 
@@ -106,7 +116,11 @@ impl DeviceState {
     /// Records a fence on every stream that has freed memory not yet known to be done.
     pub(crate) fn request_all_fences(&mut self) -> std::result::Result<(), DriverError> {
         let drv = Arc::clone(&self.drv);
-        let mut need: Vec<(Stream, u64)> = self.large.free_blocks().map(|(_, b)| (b.stream, b.free_seq)).collect();
+        let mut need: Vec<(Stream, u64)> = self
+            .large
+            .free_blocks()
+            .map(|(_, b)| (b.stream, b.free_seq))
+            .collect();
         need.extend(self.small.granules().map(|g| (g.stream, g.free_seq)));
         for (s, seq) in need {
             if !self.fences.is_settled(s, seq) {
@@ -150,7 +164,13 @@ impl DeviceState {
         Ok(self.hand_out(at, rounded, requested, stream))
     }
 
-    fn hand_out(&mut self, at: DevicePtr, rounded: u64, requested: u64, stream: Stream) -> DevicePtr {
+    fn hand_out(
+        &mut self,
+        at: DevicePtr,
+        rounded: u64,
+        requested: u64,
+        stream: Stream,
+    ) -> DevicePtr {
         self.large.allocate_at(at, rounded, requested, stream);
         self.c.note_alloc(rounded, requested);
         at
@@ -198,17 +218,23 @@ impl DeviceState {
     /// needed.
     fn find_holes(&mut self, kind: RangeKind, count: usize) -> Slow<DevicePtr> {
         let before = self.pages.ranges.len();
-        let va = self.pages.find_holes(&*Arc::clone(&self.drv), self.dev, kind, count)?;
+        let va = self
+            .pages
+            .find_holes(&*Arc::clone(&self.drv), self.dev, kind, count)?;
         if self.pages.ranges.len() != before {
             let r = self.pages.range_of(va).expect("new range");
             let range = &self.pages.ranges[r];
-            self.address_map.insert(range.base, range.size(self.page_size), self.dev);
+            self.address_map
+                .insert(range.base, range.size(self.page_size), self.dev);
         }
         Ok(va)
     }
 
     fn map_pages(&mut self, va: DevicePtr, pages: &[PageId]) -> Slow<()> {
-        match self.pages.map_run(&*Arc::clone(&self.drv), self.dev, va, pages) {
+        match self
+            .pages
+            .map_run(&*Arc::clone(&self.drv), self.dev, va, pages)
+        {
             Ok(remaps) => {
                 self.c.remaps += remaps;
                 Ok(())
@@ -263,7 +289,12 @@ impl DeviceState {
 
     /// Unmaps fully free pages whose work is done (from empty small granules, then from free large
     /// blocks, smallest first, never from `exclude`), at most `max`, into `out`. Non-blocking.
-    pub(crate) fn unmap_free_pages(&mut self, max: Option<usize>, exclude: Option<DevicePtr>, out: &mut Vec<PageId>) -> std::result::Result<(), DriverError> {
+    pub(crate) fn unmap_free_pages(
+        &mut self,
+        max: Option<usize>,
+        exclude: Option<DevicePtr>,
+        out: &mut Vec<PageId>,
+    ) -> std::result::Result<(), DriverError> {
         let drv = Arc::clone(&self.drv);
         let (dev, ps) = (self.dev, self.page_size);
         let want = |out: &Vec<PageId>| max.is_none_or(|m| out.len() < m);
@@ -354,7 +385,10 @@ impl DeviceState {
             free_segments.extend(
                 self.large
                     .free_blocks()
-                    .filter(|&(a, b)| self.legacy.get(&a) == Some(&b.size) && self.fences.is_settled(b.stream, b.free_seq))
+                    .filter(|&(a, b)| {
+                        self.legacy.get(&a) == Some(&b.size)
+                            && self.fences.is_settled(b.stream, b.free_seq)
+                    })
                     .map(|(a, _)| a),
             );
             for base in free_segments {
@@ -395,7 +429,7 @@ impl DeviceState {
         let drv = Arc::clone(&self.drv);
         self.fences.teardown(&*drv, self.dev);
         self.pages.teardown(&*drv, self.dev);
-        for (&base, _) in &self.legacy {
+        for &base in self.legacy.keys() {
             let _ = drv.free_legacy(self.dev, base);
             self.address_map.remove(base);
         }

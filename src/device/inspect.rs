@@ -17,7 +17,12 @@ impl DeviceState {
     fn large_runs(&self) -> Vec<(DevicePtr, DevicePtr)> {
         let ps = self.page_size;
         let mut runs = Vec::new();
-        for range in self.pages.ranges.iter().filter(|r| r.kind == RangeKind::Large) {
+        for range in self
+            .pages
+            .ranges
+            .iter()
+            .filter(|r| r.kind == RangeKind::Large)
+        {
             let mut start = None;
             for (i, slot) in range.slots.iter().enumerate() {
                 let va = range.base + i as u64 * ps;
@@ -55,7 +60,12 @@ impl DeviceState {
         let unit = |a: DevicePtr| -> DevicePtr {
             match self.backend {
                 Backend::Vmm => a / ps * ps,
-                Backend::Legacy => *self.legacy.range(..=a).next_back().map(|(b, _)| b).unwrap_or(&0),
+                Backend::Legacy => *self
+                    .legacy
+                    .range(..=a)
+                    .next_back()
+                    .map(|(b, _)| b)
+                    .unwrap_or(&0),
             }
         };
         for (&a, b) in &self.large.blocks {
@@ -238,16 +248,29 @@ impl DeviceState {
                 match blocks.next() {
                     Some((&a, b)) if a == at => {
                         if self.backend == Backend::Legacy && b.region != start {
-                            return Err(format!("block {a:#x} has region {:#x}, not its segment {start:#x}", b.region));
+                            return Err(format!(
+                                "block {a:#x} has region {:#x}, not its segment {start:#x}",
+                                b.region
+                            ));
                         }
                         at += b.size;
                     }
-                    Some((&a, _)) => return Err(format!("segment [{start:#x}, {end:#x}): expected a block at {at:#x}, found {a:#x}")),
-                    None => return Err(format!("segment [{start:#x}, {end:#x}) is not covered from {at:#x}")),
+                    Some((&a, _)) => {
+                        return Err(format!(
+                        "segment [{start:#x}, {end:#x}): expected a block at {at:#x}, found {a:#x}"
+                    ))
+                    }
+                    None => {
+                        return Err(format!(
+                            "segment [{start:#x}, {end:#x}) is not covered from {at:#x}"
+                        ))
+                    }
                 }
             }
             if at != end {
-                return Err(format!("a block crosses the end of segment [{start:#x}, {end:#x})"));
+                return Err(format!(
+                    "a block crosses the end of segment [{start:#x}, {end:#x})"
+                ));
             }
         }
         if let Some((&a, _)) = blocks.next() {
@@ -261,23 +284,45 @@ impl DeviceState {
             match (self.backend, g.page) {
                 (Backend::Vmm, Some(id)) => {
                     let r = self.pages.range_of(g.base).map(|r| &self.pages.ranges[r]);
-                    if r.map(|r| r.kind) != Some(RangeKind::Small) || self.pages.page_at(g.base) != Some(id) {
-                        return Err(format!("granule {:#x} is not page {id} mapped in a small range", g.base));
+                    if r.map(|r| r.kind) != Some(RangeKind::Small)
+                        || self.pages.page_at(g.base) != Some(id)
+                    {
+                        return Err(format!(
+                            "granule {:#x} is not page {id} mapped in a small range",
+                            g.base
+                        ));
                     }
                 }
                 (Backend::Legacy, None) if self.legacy.get(&g.base) == Some(&ps) => {}
                 _ => return Err(format!("granule {:#x} does not match the backend", g.base)),
             }
         }
-        for range in self.pages.ranges.iter().filter(|r| r.kind == RangeKind::Small) {
-            small_slots += range.slots.iter().filter(|s| matches!(s, Slot::Mapped(_))).count();
+        for range in self
+            .pages
+            .ranges
+            .iter()
+            .filter(|r| r.kind == RangeKind::Small)
+        {
+            small_slots += range
+                .slots
+                .iter()
+                .filter(|s| matches!(s, Slot::Mapped(_)))
+                .count();
         }
         if self.backend == Backend::Vmm && small_slots != self.small.granule_count() {
-            return Err(format!("{small_slots} small slots mapped but {} granules", self.small.granule_count()));
+            return Err(format!(
+                "{small_slots} small slots mapped but {} granules",
+                self.small.granule_count()
+            ));
         }
 
         // Parked frees.
-        let pending_large = self.large.blocks.values().filter(|b| b.state == BlockState::Pending).count();
+        let pending_large = self
+            .large
+            .blocks
+            .values()
+            .filter(|b| b.state == BlockState::Pending)
+            .count();
         if pending_large != self.pending.iter().filter(|p| !p.small).count() {
             return Err("pending large blocks and parked frees disagree".into());
         }
@@ -285,12 +330,20 @@ impl DeviceState {
         // Stats equal the sums over blocks and slots.
         let (mut alloc, mut req, mut active) = self.small.totals();
         for p in self.pending.iter().filter(|p| p.small) {
-            let (_, size, r, _) = self.small.slot_of(p.ptr).ok_or("a parked small free is not an allocated slot")?;
+            let (_, size, r, _) = self
+                .small
+                .slot_of(p.ptr)
+                .ok_or("a parked small free is not an allocated slot")?;
             alloc -= size;
             req -= r;
             active -= 1;
         }
-        for b in self.large.blocks.values().filter(|b| b.state == BlockState::Allocated) {
+        for b in self
+            .large
+            .blocks
+            .values()
+            .filter(|b| b.state == BlockState::Allocated)
+        {
             alloc += b.size;
             req += b.requested;
             active += 1;
@@ -307,7 +360,10 @@ impl DeviceState {
         }
         let in_use = self.drv.bytes_in_use(self.dev);
         if in_use != self.reserved() {
-            return Err(format!("the driver holds {in_use} B for us but reserved is {} B", self.reserved()));
+            return Err(format!(
+                "the driver holds {in_use} B for us but reserved is {} B",
+                self.reserved()
+            ));
         }
         Ok(())
     }

@@ -109,7 +109,13 @@ pub(crate) fn round_request(size: u64) -> Result<u64> {
 }
 
 impl DeviceAllocator {
-    pub(crate) fn new(dev: usize, drv: Arc<dyn Driver>, config: &Config, address_map: Arc<AddressMap>, hooks: Arc<Hooks>) -> Result<Self> {
+    pub(crate) fn new(
+        dev: usize,
+        drv: Arc<dyn Driver>,
+        config: &Config,
+        address_map: Arc<AddressMap>,
+        hooks: Arc<Hooks>,
+    ) -> Result<Self> {
         let granularity = drv.granularity(dev)?;
         let mut backend = config.backend;
         if backend == Backend::Vmm && !drv.supports_vmm(dev)? {
@@ -117,7 +123,7 @@ impl DeviceAllocator {
             backend = Backend::Legacy;
         }
         let page_size = config.page_size.unwrap_or(granularity);
-        if page_size == 0 || page_size % granularity != 0 {
+        if page_size == 0 || !page_size.is_multiple_of(granularity) {
             return Err(Error::Config(format!(
                 "page_size {page_size} is not a multiple of device {dev}'s granularity {granularity}"
             )));
@@ -182,7 +188,9 @@ impl DeviceAllocator {
 impl DeviceState {
     /// The effective byte limit on reserved memory.
     pub(crate) fn limit_bytes(&self) -> u64 {
-        let by_fraction = self.fraction.map_or(u64::MAX, |f| (f * self.capacity as f64) as u64);
+        let by_fraction = self
+            .fraction
+            .map_or(u64::MAX, |f| (f * self.capacity as f64) as u64);
         self.limit.unwrap_or(u64::MAX).min(by_fraction)
     }
 
@@ -205,11 +213,17 @@ impl DeviceState {
 
     /// The hot path: a cached slot or block for `stream`, or `None`.
     #[inline]
-    pub(crate) fn try_cached(&mut self, rounded: u64, requested: u64, stream: Stream) -> Option<DevicePtr> {
+    pub(crate) fn try_cached(
+        &mut self,
+        rounded: u64,
+        requested: u64,
+        stream: Stream,
+    ) -> Option<DevicePtr> {
         if rounded <= self.small_max {
             let class = self.small.classes.class_of(rounded);
             let ptr = self.small.alloc(stream, class, requested)?;
-            self.c.note_alloc(self.small.classes.sizes[class], requested);
+            self.c
+                .note_alloc(self.small.classes.sizes[class], requested);
             Some(ptr)
         } else {
             let addr = self.large.best_fit(stream, rounded)?;
@@ -222,14 +236,22 @@ impl DeviceState {
     /// Frees `ptr`: at once, or parked until recorded streams finish.
     pub(crate) fn free(&mut self, ptr: DevicePtr) -> Result<u64> {
         let seq = self.seq + 1;
-        let recorded = if self.recorded.is_empty() { None } else { self.recorded.remove(&ptr) };
+        let recorded = if self.recorded.is_empty() {
+            None
+        } else {
+            self.recorded.remove(&ptr)
+        };
         if !self.pending.is_empty() && self.pending.iter().any(|p| p.ptr == ptr) {
-            return Err(self.bad_free(Error::DoubleFree { ptr, device: self.dev }));
+            return Err(self.bad_free(Error::DoubleFree {
+                ptr,
+                device: self.dev,
+            }));
         }
         if self.small.owns(ptr) {
             if let Some(streams) = recorded {
                 // Validate now; the slot itself is freed when the recorded streams are done.
-                let Some((base, size, req, _)) = self.small.slot_of(ptr).filter(|s| s.0 == ptr) else {
+                let Some((base, size, req, _)) = self.small.slot_of(ptr).filter(|s| s.0 == ptr)
+                else {
                     return Err(self.small_free_error(ptr));
                 };
                 debug_assert_eq!(base, ptr);
@@ -268,14 +290,22 @@ impl DeviceState {
                 self.c.note_free(size, req);
                 Ok(size)
             }
-            Lookup::Start(_) => Err(self.bad_free(Error::DoubleFree { ptr, device: self.dev })),
-            Lookup::Interior(base, b) if b.state == BlockState::Allocated => Err(self.bad_free(Error::UnknownPointer {
+            Lookup::Start(_) => Err(self.bad_free(Error::DoubleFree {
                 ptr,
-                device: Some(self.dev),
-                interior_of: Some(base),
+                device: self.dev,
             })),
+            Lookup::Interior(base, b) if b.state == BlockState::Allocated => {
+                Err(self.bad_free(Error::UnknownPointer {
+                    ptr,
+                    device: Some(self.dev),
+                    interior_of: Some(base),
+                }))
+            }
             // Inside free memory: it was freed (and merged) already.
-            Lookup::Interior(..) => Err(self.bad_free(Error::DoubleFree { ptr, device: self.dev })),
+            Lookup::Interior(..) => Err(self.bad_free(Error::DoubleFree {
+                ptr,
+                device: self.dev,
+            })),
             Lookup::Outside => Err(self.bad_free(Error::UnknownPointer {
                 ptr,
                 device: Some(self.dev),
@@ -298,7 +328,10 @@ impl DeviceState {
                 device: Some(self.dev),
                 interior_of: None,
             },
-            None if self.small.owns(ptr) => Error::DoubleFree { ptr, device: self.dev },
+            None if self.small.owns(ptr) => Error::DoubleFree {
+                ptr,
+                device: self.dev,
+            },
             None => Error::UnknownPointer {
                 ptr,
                 device: Some(self.dev),

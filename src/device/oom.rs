@@ -47,7 +47,13 @@ impl DeviceAllocator {
     /// Steps 1–5 above. Called with the lock held after the hot path missed.
     #[cold]
     #[inline(never)]
-    pub(crate) fn allocate_or_oom<'a>(&'a self, mut st: MutexGuard<'a, DeviceState>, rounded: u64, requested: u64, stream: Stream) -> Result<DevicePtr> {
+    pub(crate) fn allocate_or_oom<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, DeviceState>,
+        rounded: u64,
+        requested: u64,
+        stream: Stream,
+    ) -> Result<DevicePtr> {
         let possible = rounded <= st.limit_bytes().min(st.capacity);
         let mut refused = None;
         if possible {
@@ -106,7 +112,12 @@ impl DeviceAllocator {
         }
         // 5. Fail, saying why.
         st.c.ooms += 1;
-        let report = st.oom_report(requested, hooks_called, hooks_freed, refused.map(|e| e.to_string()));
+        let report = st.oom_report(
+            requested,
+            hooks_called,
+            hooks_freed,
+            refused.map(|e| e.to_string()),
+        );
         st.checked();
         Err(Error::OutOfMemory(Box::new(report)))
     }
@@ -114,7 +125,13 @@ impl DeviceAllocator {
 
 /// One try of the slow path, with the invariant check after it. "No memory" without a driver
 /// refusal becomes `Ok(None)`; the driver's refusal is kept for the report.
-fn attempt(st: &mut DeviceState, rounded: u64, requested: u64, stream: Stream, wait: bool) -> std::result::Result<Option<DevicePtr>, Shortfall> {
+fn attempt(
+    st: &mut DeviceState,
+    rounded: u64,
+    requested: u64,
+    stream: Stream,
+    wait: bool,
+) -> std::result::Result<Option<DevicePtr>, Shortfall> {
     let r = st.allocate_slow(rounded, requested, stream, wait);
     st.checked();
     match r {
@@ -129,14 +146,21 @@ impl DeviceState {
     pub(crate) fn compact(&mut self) -> Result<()> {
         self.settle_pending(true)?;
         self.request_all_fences()?;
-        self.fences.wait_all(&*crate::sync::Arc::clone(&self.drv), self.dev)?;
+        self.fences
+            .wait_all(&*crate::sync::Arc::clone(&self.drv), self.dev)?;
         self.small.reclaim_idle_runs(None);
         self.checked();
         Ok(())
     }
 
     /// The figures of an OOM error, taken now.
-    pub(crate) fn oom_report(&self, requested: u64, hooks_called: u32, hooks_freed: u64, driver_error: Option<String>) -> OomReport {
+    pub(crate) fn oom_report(
+        &self,
+        requested: u64,
+        hooks_called: u32,
+        hooks_freed: u64,
+        driver_error: Option<String>,
+    ) -> OomReport {
         let stats = self.stats();
         let device_free = self.drv.mem_info(self.dev).map(|m| m.free).unwrap_or(0);
         let limit = self.limit_bytes();

@@ -250,11 +250,16 @@ pub struct DriverError {
 }
 
 fn device_suffix(device: Option<usize>) -> String {
-    device.map(|d| format!(" on device {d}")).unwrap_or_default()
+    device
+        .map(|d| format!(" on device {d}"))
+        .unwrap_or_default()
 }
 
 fn detail_suffix(detail: &Option<String>) -> String {
-    detail.as_ref().map(|d| format!(": {d}")).unwrap_or_default()
+    detail
+        .as_ref()
+        .map(|d| format!(": {d}"))
+        .unwrap_or_default()
 }
 
 impl DriverError {

@@ -88,7 +88,9 @@ impl BlockPool {
 
     /// Every free block (address, block).
     pub(crate) fn free_blocks(&self) -> impl Iterator<Item = (DevicePtr, &Block)> {
-        self.free_index.iter().map(|&(_, _, a)| (a, &self.blocks[&a]))
+        self.free_index
+            .iter()
+            .map(|&(_, _, a)| (a, &self.blocks[&a]))
     }
 
     pub(crate) fn get(&self, addr: DevicePtr) -> Option<&Block> {
@@ -106,8 +108,17 @@ impl BlockPool {
     /// Hands out the first `size` bytes of the free block at `addr` on `stream`, splitting off the
     /// rest when at least 512 B remain. The block must be in the free index.
     #[inline]
-    pub(crate) fn allocate_at(&mut self, addr: DevicePtr, size: u64, requested: u64, stream: Stream) {
-        let block = self.blocks.get_mut(&addr).expect("allocate_at a known block");
+    pub(crate) fn allocate_at(
+        &mut self,
+        addr: DevicePtr,
+        size: u64,
+        requested: u64,
+        stream: Stream,
+    ) {
+        let block = self
+            .blocks
+            .get_mut(&addr)
+            .expect("allocate_at a known block");
         debug_assert_eq!(block.state, BlockState::Free);
         debug_assert!(block.size >= size);
         self.free_index.remove(&(block.stream, block.size, addr));
@@ -138,7 +149,10 @@ impl BlockPool {
     /// has checked that `addr` starts an allocated block.
     #[inline]
     pub(crate) fn release(&mut self, addr: DevicePtr, free_seq: u64, pending: bool) -> u64 {
-        let block = self.blocks.get_mut(&addr).expect("release of a known block");
+        let block = self
+            .blocks
+            .get_mut(&addr)
+            .expect("release of a known block");
         debug_assert_eq!(block.state, BlockState::Allocated);
         block.requested = 0;
         block.free_seq = free_seq;
@@ -161,8 +175,15 @@ impl BlockPool {
     }
 
     /// Adds a new free block (fresh memory, or a stolen hole's neighbour) and merges it.
-    pub(crate) fn insert_free(&mut self, addr: DevicePtr, size: u64, stream: Stream, free_seq: u64, region: u64) -> DevicePtr {
-        debug_assert!(size > 0 && size % ROUND == 0);
+    pub(crate) fn insert_free(
+        &mut self,
+        addr: DevicePtr,
+        size: u64,
+        stream: Stream,
+        free_seq: u64,
+        region: u64,
+    ) -> DevicePtr {
+        debug_assert!(size > 0 && size.is_multiple_of(ROUND));
         self.blocks.insert(
             addr,
             Block {
@@ -196,7 +217,9 @@ impl BlockPool {
         let (stream, region, own_size) = (b.stream, b.region, b.size);
         let mut seq = b.free_seq;
         self.free_index.remove(&(stream, own_size, addr));
-        let mergeable = move |b: &Block| b.state == BlockState::Free && b.stream == stream && b.region == region;
+        let mergeable = move |b: &Block| {
+            b.state == BlockState::Free && b.stream == stream && b.region == region
+        };
         let (mut start, mut size) = (addr, own_size);
         if let Some((&pa, pb)) = self.blocks.range(..addr).next_back() {
             if pa + pb.size == addr && mergeable(pb) {
@@ -234,7 +257,13 @@ impl BlockPool {
         self.free_index.remove(&(block.stream, block.size, addr));
         for (a, len) in [(addr, from - addr), (to, addr + block.size - to)] {
             if len > 0 {
-                self.blocks.insert(a, Block { size: len, ..block.clone() });
+                self.blocks.insert(
+                    a,
+                    Block {
+                        size: len,
+                        ..block.clone()
+                    },
+                );
                 self.free_index.insert((block.stream, len, a));
             }
         }
@@ -254,7 +283,10 @@ impl BlockPool {
         let mut free = 0;
         for (&a, b) in &self.blocks {
             if b.size == 0 || b.size % ROUND != 0 || a % ROUND != 0 {
-                return Err(format!("block {a:#x} has size {} or address not a multiple of 512", b.size));
+                return Err(format!(
+                    "block {a:#x} has size {} or address not a multiple of 512",
+                    b.size
+                ));
             }
             if b.state == BlockState::Free {
                 free += 1;
@@ -272,13 +304,19 @@ impl BlockPool {
                     && pb.stream == b.stream
                     && pb.region == b.region
                 {
-                    return Err(format!("free neighbours {pa:#x} and {a:#x} of one stream are not merged"));
+                    return Err(format!(
+                        "free neighbours {pa:#x} and {a:#x} of one stream are not merged"
+                    ));
                 }
             }
             prev = Some((a, b));
         }
         if free != self.free_index.len() {
-            return Err(format!("{} free blocks but {} index entries", free, self.free_index.len()));
+            return Err(format!(
+                "{} free blocks but {} index entries",
+                free,
+                self.free_index.len()
+            ));
         }
         Ok(())
     }

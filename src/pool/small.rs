@@ -42,9 +42,17 @@ pub(crate) struct SizeClasses {
 
 impl SizeClasses {
     /// Classes of 512 B steps up to 2 KiB, then `per_doubling` per doubling up to `small_max`.
-    pub(crate) fn new(small_max: u64, per_doubling: u32, unit: u64, units_per_granule: u32) -> Self {
+    pub(crate) fn new(
+        small_max: u64,
+        per_doubling: u32,
+        unit: u64,
+        units_per_granule: u32,
+    ) -> Self {
         let small_max = small_max.div_ceil(512) * 512;
-        let mut sizes: Vec<u64> = (1..=4).map(|i| i * 512).filter(|&s| s <= small_max).collect();
+        let mut sizes: Vec<u64> = (1..=4)
+            .map(|i| i * 512)
+            .filter(|&s| s <= small_max)
+            .collect();
         let mut base = 2048u64;
         while base < small_max {
             let step = base / per_doubling as u64;
@@ -59,7 +67,10 @@ impl SizeClasses {
         if sizes.last() < Some(&small_max) {
             sizes.push(small_max);
         }
-        let run_units = sizes.iter().map(|&s| Self::pick_run(s, unit, units_per_granule)).collect();
+        let run_units = sizes
+            .iter()
+            .map(|&s| Self::pick_run(s, unit, units_per_granule))
+            .collect();
         let mut by_size = Vec::with_capacity((small_max / 512) as usize);
         let mut c = 0;
         for k in 1..=small_max / 512 {
@@ -68,7 +79,11 @@ impl SizeClasses {
             }
             by_size.push(c as u8);
         }
-        SizeClasses { sizes, run_units, by_size }
+        SizeClasses {
+            sizes,
+            run_units,
+            by_size,
+        }
     }
 
     /// Run length for slot size `s`: at least one unit and room for 8 slots where the granule
@@ -137,7 +152,10 @@ struct StreamLists {
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum SmallFree {
     /// Freed a slot of this size and requested size.
-    Freed { size: u64, requested: u64 },
+    Freed {
+        size: u64,
+        requested: u64,
+    },
     DoubleFree,
     Interior(DevicePtr),
     Unknown,
@@ -186,11 +204,18 @@ impl SmallPool {
 
     /// The hot path: a free slot of `class` on `stream`, if a run has one.
     #[inline]
-    pub(crate) fn alloc(&mut self, stream: Stream, class: usize, requested: u64) -> Option<DevicePtr> {
+    pub(crate) fn alloc(
+        &mut self,
+        stream: Stream,
+        class: usize,
+        requested: u64,
+    ) -> Option<DevicePtr> {
         let lists = self.streams.get_mut(&stream)?;
         let list = lists.partial.get_mut(class)?;
         let &run_id = list.last()?;
-        let run = self.runs[run_id as usize].as_mut().expect("listed run is live");
+        let run = self.runs[run_id as usize]
+            .as_mut()
+            .expect("listed run is live");
         let slot = run.free.pop().expect("a listed run has a free slot");
         run.live += 1;
         run.requested[slot as usize] = requested as u32;
@@ -199,7 +224,9 @@ impl SmallPool {
             run.partial_pos = NOT_LISTED;
         }
         let size = self.classes.sizes[class];
-        let g = self.granules[run.granule as usize].as_mut().expect("run's granule is live");
+        let g = self.granules[run.granule as usize]
+            .as_mut()
+            .expect("run's granule is live");
         g.live_bytes += size;
         Some(run.base + slot as u64 * size)
     }
@@ -217,12 +244,18 @@ impl SmallPool {
 
     fn carve_run(&mut self, stream: Stream, class: usize) -> bool {
         let need = self.classes.run_units[class];
-        let Some(lists) = self.streams.get(&stream) else { return false };
+        let Some(lists) = self.streams.get(&stream) else {
+            return false;
+        };
         let found = lists.granules.iter().find_map(|&gid| {
-            let g = self.granules[gid as usize].as_ref().expect("listed granule is live");
+            let g = self.granules[gid as usize]
+                .as_ref()
+                .expect("listed granule is live");
             find_free_units(g.used, self.units_per_granule, need).map(|u| (gid, u))
         });
-        let Some((gid, first)) = found else { return false };
+        let Some((gid, first)) = found else {
+            return false;
+        };
         let size = self.classes.sizes[class];
         let slots = (need as u64 * self.unit / size) as u16;
         let g = self.granules[gid as usize].as_mut().expect("live granule");
@@ -274,9 +307,15 @@ impl SmallPool {
         let list = &mut self.streams.get_mut(&stream).expect("stream lists").partial[class];
         list.swap_remove(pos as usize);
         if let Some(&moved) = list.get(pos as usize) {
-            self.runs[moved as usize].as_mut().expect("live run").partial_pos = pos;
+            self.runs[moved as usize]
+                .as_mut()
+                .expect("live run")
+                .partial_pos = pos;
         }
-        self.runs[run_id as usize].as_mut().expect("live run").partial_pos = NOT_LISTED;
+        self.runs[run_id as usize]
+            .as_mut()
+            .expect("live run")
+            .partial_pos = NOT_LISTED;
     }
 
     /// Gives a run's units back to its granule.
@@ -285,7 +324,9 @@ impl SmallPool {
         let run = self.runs[run_id as usize].take().expect("live run");
         debug_assert_eq!(run.live, 0);
         self.free_run_ids.push(run_id);
-        let g = self.granules[run.granule as usize].as_mut().expect("live granule");
+        let g = self.granules[run.granule as usize]
+            .as_mut()
+            .expect("live granule");
         for u in run.first_unit..run.first_unit + run.units {
             g.used &= !(1 << u);
             g.unit_run[u as usize] = NO_RUN;
@@ -390,7 +431,9 @@ impl SmallPool {
     /// Frees the slot at `ptr`, at device free sequence `seq`.
     #[inline]
     pub(crate) fn free(&mut self, ptr: DevicePtr, seq: u64) -> SmallFree {
-        let Some((gid, run_id)) = self.locate(ptr) else { return SmallFree::Unknown };
+        let Some((gid, run_id)) = self.locate(ptr) else {
+            return SmallFree::Unknown;
+        };
         let run = self.runs[run_id as usize].as_mut().expect("live run");
         let size = self.classes.sizes[run.class as usize];
         let off = ptr - run.base;
@@ -398,7 +441,7 @@ impl SmallPool {
         if slot >= run.requested.len() {
             return SmallFree::Unknown;
         }
-        if off % size != 0 {
+        if !off.is_multiple_of(size) {
             return if run.requested[slot] != 0 {
                 SmallFree::Interior(run.base + slot as u64 * size)
             } else {
@@ -411,7 +454,12 @@ impl SmallPool {
         }
         run.free.push(slot as u16);
         run.live -= 1;
-        let (was_full, now_idle, class, stream) = (run.free.len() == 1, run.live == 0, run.class as usize, run.stream);
+        let (was_full, now_idle, class, stream) = (
+            run.free.len() == 1,
+            run.live == 0,
+            run.class as usize,
+            run.stream,
+        );
         let g = self.granules[gid as usize].as_mut().expect("live granule");
         g.live_bytes -= size;
         g.free_seq = seq;
@@ -443,7 +491,9 @@ impl SmallPool {
     /// Every allocated slot of the granule at `base`.
     pub(crate) fn slots_in(&self, base: DevicePtr) -> Vec<SlotInfo> {
         let mut out = Vec::new();
-        let g = self.granules[self.by_addr[&base] as usize].as_ref().expect("live granule");
+        let g = self.granules[self.by_addr[&base] as usize]
+            .as_ref()
+            .expect("live granule");
         let mut seen = NO_RUN;
         for &rid in &g.unit_run {
             if rid == NO_RUN || rid == seen {
@@ -484,7 +534,11 @@ impl SmallPool {
         let mut live_bytes = vec![0u64; self.granules.len()];
         for (rid, run) in self.runs.iter().enumerate() {
             let Some(run) = run else { continue };
-            let Some(g) = self.granules.get(run.granule as usize).and_then(Option::as_ref) else {
+            let Some(g) = self
+                .granules
+                .get(run.granule as usize)
+                .and_then(Option::as_ref)
+            else {
                 return Err(format!("run {rid} points at a dead granule"));
             };
             let size = self.classes.sizes[run.class as usize];
@@ -495,17 +549,25 @@ impl SmallPool {
                 return Err(format!("run {rid} slots overflow its units"));
             }
             if run.stream != g.stream {
-                return Err(format!("run {rid} and its granule belong to different streams"));
+                return Err(format!(
+                    "run {rid} and its granule belong to different streams"
+                ));
             }
             for u in run.first_unit..run.first_unit + run.units {
-                if used[run.granule as usize] & (1 << u) != 0 || g.unit_run[u as usize] != rid as u32 {
+                if used[run.granule as usize] & (1 << u) != 0
+                    || g.unit_run[u as usize] != rid as u32
+                {
                     return Err(format!("run {rid} unit {u} overlaps or is not recorded"));
                 }
                 used[run.granule as usize] |= 1 << u;
             }
             let live = run.requested.iter().filter(|&&r| r != 0).count();
             if live != run.live as usize || live + run.free.len() != run.requested.len() {
-                return Err(format!("run {rid}: live {} / free {} disagree with slots", run.live, run.free.len()));
+                return Err(format!(
+                    "run {rid}: live {} / free {} disagree with slots",
+                    run.live,
+                    run.free.len()
+                ));
             }
             if run.free.iter().any(|&s| run.requested[s as usize] != 0) {
                 return Err(format!("run {rid} free stack holds an allocated slot"));
@@ -517,22 +579,35 @@ impl SmallPool {
                 .and_then(|l| l.partial.get(run.class as usize))
                 .and_then(|l| l.get(run.partial_pos as usize))
                 == Some(&(rid as u32));
-            if listed != !run.free.is_empty() {
-                return Err(format!("run {rid}: listed {listed} but {} free slots", run.free.len()));
+            if listed == run.free.is_empty() {
+                return Err(format!(
+                    "run {rid}: listed {listed} but {} free slots",
+                    run.free.len()
+                ));
             }
         }
         for (gid, g) in self.granules.iter().enumerate() {
             let Some(g) = g else { continue };
             if g.used != used[gid] {
-                return Err(format!("granule {:#x} used bits disagree with its runs", g.base));
+                return Err(format!(
+                    "granule {:#x} used bits disagree with its runs",
+                    g.base
+                ));
             }
             if g.live_bytes != live_bytes[gid] {
-                return Err(format!("granule {:#x} live_bytes {} but slots hold {}", g.base, g.live_bytes, live_bytes[gid]));
+                return Err(format!(
+                    "granule {:#x} live_bytes {} but slots hold {}",
+                    g.base, g.live_bytes, live_bytes[gid]
+                ));
             }
             if self.by_addr.get(&g.base) != Some(&(gid as u32)) {
                 return Err(format!("granule {:#x} is not indexed by address", g.base));
             }
-            if !self.streams.get(&g.stream).is_some_and(|l| l.granules.contains(&(gid as u32))) {
+            if !self
+                .streams
+                .get(&g.stream)
+                .is_some_and(|l| l.granules.contains(&(gid as u32)))
+            {
                 return Err(format!("granule {:#x} is not in its stream's list", g.base));
             }
         }
@@ -598,7 +673,13 @@ mod tests {
         assert_eq!(b, a + 4096);
         p.check_invariants().unwrap();
         assert_eq!(p.free(a + 8, 1), SmallFree::Interior(a));
-        assert_eq!(p.free(a, 1), SmallFree::Freed { size: 4096, requested: 4000 });
+        assert_eq!(
+            p.free(a, 1),
+            SmallFree::Freed {
+                size: 4096,
+                requested: 4000
+            }
+        );
         assert_eq!(p.free(a, 2), SmallFree::DoubleFree);
         assert_eq!(p.free(0x2000_0000, 2), SmallFree::Unknown);
         assert_eq!(p.alloc(s, cls, 512), Some(a), "freed slot reused first");

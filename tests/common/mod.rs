@@ -50,7 +50,10 @@ impl Tracker {
             // read/write in this process; `off + 8 <= size`, and offsets are 8-aligned.
             unsafe { ((ptr + off) as *mut u64).write(word(seed, i as u64)) };
         }
-        assert!(self.live.insert(ptr, (size, seed)).is_none(), "pointer {ptr:#x} handed out twice");
+        assert!(
+            self.live.insert(ptr, (size, seed)).is_none(),
+            "pointer {ptr:#x} handed out twice"
+        );
     }
 
     pub fn remove(&mut self, ptr: DevicePtr) -> u64 {
@@ -63,7 +66,11 @@ impl Tracker {
         for (i, off) in offsets(size).enumerate() {
             // SAFETY: as in `add`; the allocation is still live.
             let got = unsafe { ((ptr + off) as *const u64).read() };
-            assert_eq!(got, word(seed, i as u64), "allocation {ptr:#x} (size {size}) corrupted at offset {off}");
+            assert_eq!(
+                got,
+                word(seed, i as u64),
+                "allocation {ptr:#x} (size {size}) corrupted at offset {off}"
+            );
         }
     }
 
@@ -72,7 +79,12 @@ impl Tracker {
         let mut spans: Vec<(u64, u64)> = self.live.iter().map(|(&p, &(s, _))| (p, p + s)).collect();
         spans.sort_unstable();
         for w in spans.windows(2) {
-            assert!(w[0].1 <= w[1].0, "allocations {:#x} and {:#x} overlap", w[0].0, w[1].0);
+            assert!(
+                w[0].1 <= w[1].0,
+                "allocations {:#x} and {:#x} overlap",
+                w[0].0,
+                w[1].0
+            );
         }
         for &ptr in self.live.keys() {
             self.check_one(ptr);
@@ -100,7 +112,12 @@ fn offsets(size: u64) -> impl Iterator<Item = u64> {
 }
 
 /// Allocates, tracks, checks.
-pub fn alloc(t: &Tessera, tr: &mut Tracker, size: u64, stream: Stream) -> tessera::Result<DevicePtr> {
+pub fn alloc(
+    t: &Tessera,
+    tr: &mut Tracker,
+    size: u64,
+    stream: Stream,
+) -> tessera::Result<DevicePtr> {
     let p = t.allocate(0, size, stream)?;
     tr.add(p, size);
     tr.check();
