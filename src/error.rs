@@ -90,6 +90,8 @@ pub struct OomReport {
     pub hooks_called: u32,
     /// The driver error that ended the attempt, if the device itself refused.
     pub driver_error: Option<String>,
+    /// Whether the backend can remap free pages (VMM) or not (legacy segments).
+    pub remapping: bool,
 }
 
 impl fmt::Display for OomReport {
@@ -141,6 +143,8 @@ impl OomReport {
             "the tessera limit was reached; raise it (limit / memory fraction) if the device has room."
         } else if self.reserved < ceiling / 2 && self.device_free < self.requested {
             "other processes or allocators hold most of the device; free memory there."
+        } else if !self.remapping && self.cached_free >= self.requested {
+            "enough memory is cached but split across segments, which the legacy backend cannot remap; use backend:vmm."
         } else if self.stranded >= self.requested {
             "enough memory is free but stranded in partly used pages; free long-lived small tensors or reduce the batch size."
         } else {

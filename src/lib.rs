@@ -26,3 +26,8 @@ pub use allocator::{Allocation, HookId, OomHook, Tessera};
 pub use config::{Backend, Config};
 pub use error::{Error, OomReport, Result};
 pub use stats::{BlockInfo, BlockStateInfo, SegmentInfo, SegmentKind, Snapshot, Stats};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -18,6 +18,7 @@ use crate::driver::{DevicePtr, DriverError, Stream};
 use crate::error::Error;
 use crate::pages::{PageId, RangeKind};
 use crate::sync::Arc;
+use std::collections::HashMap;
 
 /// Why the slow path gave up.
 #[derive(Debug)]
@@ -116,12 +117,16 @@ impl DeviceState {
     /// Records a fence on every stream that has freed memory not yet known to be done.
     pub(crate) fn request_all_fences(&mut self) -> std::result::Result<(), DriverError> {
         let drv = Arc::clone(&self.drv);
-        let mut need: Vec<(Stream, u64)> = self
+        // One fence per stream, covering its latest free.
+        let mut need: HashMap<Stream, u64> = HashMap::new();
+        let blocks = self
             .large
             .free_blocks()
-            .map(|(_, b)| (b.stream, b.free_seq))
-            .collect();
-        need.extend(self.small.granules().map(|g| (g.stream, g.free_seq)));
+            .map(|(_, b)| (b.stream, b.free_seq));
+        for (s, seq) in blocks.chain(self.small.granules().map(|g| (g.stream, g.free_seq))) {
+            let e = need.entry(s).or_default();
+            *e = (*e).max(seq);
+        }
         for (s, seq) in need {
             if !self.fences.is_settled(s, seq) {
                 self.fences.request(&*drv, self.dev, s, seq)?;
@@ -297,7 +302,9 @@ impl DeviceState {
     ) -> std::result::Result<(), DriverError> {
         let drv = Arc::clone(&self.drv);
         let (dev, ps) = (self.dev, self.page_size);
-        let want = |out: &Vec<PageId>| max.is_none_or(|m| out.len() < m);
+        // `max` counts pages added here; `out` may already hold some.
+        let target = max.map(|m| out.len() + m);
+        let want = |out: &Vec<PageId>| target.is_none_or(|t| out.len() < t);
         self.small.reclaim_idle_runs(None);
         // Learn which streams are done with their freed memory (records and queries; no waiting).
         self.request_all_fences()?;

@@ -178,6 +178,7 @@ impl DeviceState {
             hooks_freed,
             hooks_called,
             driver_error,
+            remapping: self.backend == crate::config::Backend::Vmm,
         }
     }
 }
