@@ -22,7 +22,8 @@ use std::fmt;
 use std::sync::OnceLock;
 
 /// An eviction hook: called with (device, requested bytes) when an allocation would fail.
-pub type OomHook = Arc<dyn Fn(usize, u64) + Send + Sync>;
+/// (A `std` `Arc`: hooks are user closures, not synchronisation that loom models.)
+pub type OomHook = std::sync::Arc<dyn Fn(usize, u64) + Send + Sync>;
 
 /// Identifies a registered hook, to remove it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -270,7 +271,7 @@ impl Tessera {
     /// Registers an eviction hook, called (with no lock held) when an allocation would fail.
     pub fn add_oom_hook(&self, hook: impl Fn(usize, u64) + Send + Sync + 'static) -> HookId {
         let id = self.hooks.next.fetch_add(1, Ordering::Relaxed);
-        self.hooks.list.lock().push((id, Arc::new(hook)));
+        self.hooks.list.lock().push((id, std::sync::Arc::new(hook)));
         HookId(id)
     }
 

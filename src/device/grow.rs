@@ -17,6 +17,7 @@ use crate::config::Backend;
 use crate::driver::{DevicePtr, DriverError, Stream};
 use crate::error::Error;
 use crate::pages::{PageId, RangeKind};
+use crate::pool::large::BlockState;
 use crate::sync::Arc;
 use std::collections::HashMap;
 
@@ -309,6 +310,7 @@ impl DeviceState {
         // Learn which streams are done with their freed memory (records and queries; no waiting).
         self.request_all_fences()?;
         self.fences.poll(&*drv, dev)?;
+        self.merge_settled_neighbours();
         let granules: Vec<(DevicePtr, Stream, u64)> = self
             .small
             .empty_granules()
@@ -359,6 +361,44 @@ impl DeviceState {
             result?;
         }
         Ok(())
+    }
+
+    /// Merges address-adjacent free blocks of different streams once the work of both is done
+    /// (either stream may have the memory then), so that pages straddling them count as fully free.
+    fn merge_settled_neighbours(&mut self) {
+        let settled = |st: &Self, a: DevicePtr| {
+            st.large.get(a).is_some_and(|b| {
+                b.state == BlockState::Free && st.fences.is_settled(b.stream, b.free_seq)
+            })
+        };
+        let mut addrs: Vec<DevicePtr> = self.large.free_blocks().map(|(a, _)| a).collect();
+        addrs.sort_unstable();
+        let mut i = 0;
+        while i + 1 < addrs.len() {
+            let (a, next) = (addrs[i], addrs[i + 1]);
+            let b = self.large.get(a).expect("free block");
+            let (end, stream, region) = (a + b.size, b.stream, b.region);
+            let nb = self.large.get(next).expect("free block");
+            if end == next
+                && nb.region == region
+                && nb.stream != stream
+                && settled(self, a)
+                && settled(self, next)
+            {
+                // The left block joins the right one's stream and merges with it (and with its
+                // own left neighbour, if that is of the same stream now).
+                let merged = self.large.retag(a, nb.stream);
+                addrs.remove(i + 1);
+                if i > 0 && addrs[i - 1] == merged {
+                    addrs.remove(i);
+                    i -= 1;
+                } else {
+                    addrs[i] = merged;
+                }
+            } else {
+                i += 1;
+            }
+        }
     }
 
     /// `cuMemAlloc` of a new legacy segment of `size` bytes, under the limit.
