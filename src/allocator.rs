@@ -48,7 +48,7 @@ impl Hooks {
         self.list
             .lock()
             .iter()
-            .map(|(_, h)| Arc::clone(h))
+            .map(|(_, h)| std::sync::Arc::clone(h))
             .collect()
     }
 }

@@ -45,6 +45,7 @@ pub(crate) struct RwLock<T>(loom::sync::RwLock<T>);
 
 #[cfg(loom)]
 impl<T> RwLock<T> {
+    #[allow(dead_code)] // the crate builds its maps with `Default`
     pub(crate) fn new(value: T) -> Self {
         RwLock(loom::sync::RwLock::new(value))
     }

@@ -208,11 +208,15 @@ impl DeviceState {
                 (self.find_holes(RangeKind::Large, count)?, count)
             }
         };
-        let pages = self.obtain_pages(count, best.map(|(a, _)| a))?;
+        let pages = self.obtain_pages(count, best.map(|_| va))?;
         self.map_pages(va, &pages)?;
-        if let Some((a, _)) = best {
-            if self.large.get(a).is_some_and(|b| b.stream != stream) {
-                self.large.retag(a, stream);
+        if best.is_some() {
+            // Gathering pages may have merged the block being extended with a neighbour (see
+            // `merge_settled_neighbours`), so find it again by where it ends.
+            if let Some(a) = self.large.free_block_ending_at(va) {
+                if self.large.get(a).is_some_and(|b| b.stream != stream) {
+                    self.large.retag(a, stream);
+                }
             }
         }
         let at = self.large.insert_free(va, count as u64 * ps, stream, 0, 0);
@@ -252,9 +256,10 @@ impl DeviceState {
         }
     }
 
-    /// `count` unmapped pages: from the pool, then new ones under the limit, then stolen. All or
-    /// nothing: on failure every page obtained is back in the pool.
-    fn obtain_pages(&mut self, count: usize, exclude: Option<DevicePtr>) -> Slow<Vec<PageId>> {
+    /// `count` unmapped pages: from the pool, then new ones under the limit, then stolen (never from
+    /// the free block ending at `keep_end`). All or nothing: on failure every page obtained is back
+    /// in the pool.
+    fn obtain_pages(&mut self, count: usize, keep_end: Option<DevicePtr>) -> Slow<Vec<PageId>> {
         let mut got: Vec<PageId> = Vec::with_capacity(count);
         while got.len() < count {
             match self.pages.pool.pop() {
@@ -281,7 +286,7 @@ impl DeviceState {
             }
         }
         if got.len() < count {
-            if let Err(e) = self.unmap_free_pages(Some(count - got.len()), exclude, &mut got) {
+            if let Err(e) = self.unmap_free_pages(Some(count - got.len()), keep_end, &mut got) {
                 self.pages.pool.extend(got);
                 return Err(Shortfall::Fatal(e.into()));
             }
@@ -294,11 +299,13 @@ impl DeviceState {
     }
 
     /// Unmaps fully free pages whose work is done (from empty small granules, then from free large
-    /// blocks, smallest first, never from `exclude`), at most `max`, into `out`. Non-blocking.
+    /// blocks, smallest first, never from the block ending at `keep_end`: the one being extended,
+    /// found by its end because merges may move its start), at most `max`, into `out`.
+    /// Non-blocking.
     pub(crate) fn unmap_free_pages(
         &mut self,
         max: Option<usize>,
-        exclude: Option<DevicePtr>,
+        keep_end: Option<DevicePtr>,
         out: &mut Vec<PageId>,
     ) -> std::result::Result<(), DriverError> {
         let drv = Arc::clone(&self.drv);
@@ -330,7 +337,9 @@ impl DeviceState {
         let mut blocks: Vec<(u64, DevicePtr)> = self
             .large
             .free_blocks()
-            .filter(|&(a, b)| Some(a) != exclude && self.fences.is_settled(b.stream, b.free_seq))
+            .filter(|&(a, b)| {
+                Some(a + b.size) != keep_end && self.fences.is_settled(b.stream, b.free_seq)
+            })
             .filter(|&(a, b)| (a + b.size) / ps * ps > a.div_ceil(ps) * ps)
             .map(|(a, b)| (b.size, a))
             .collect();
@@ -423,6 +432,10 @@ impl DeviceState {
         let mut result = Ok(());
         if self.backend == Backend::Legacy {
             self.small.reclaim_idle_runs(None);
+            self.request_all_fences()?;
+            self.fences.poll(&*drv, dev)?;
+            // A segment whose free blocks belong to several finished streams is wholly free.
+            self.merge_settled_neighbours();
             let mut free_segments: Vec<DevicePtr> = self
                 .small
                 .empty_granules()

@@ -93,6 +93,12 @@ impl BlockPool {
             .map(|&(_, _, a)| (a, &self.blocks[&a]))
     }
 
+    /// The free block that ends exactly at `end`, if any.
+    pub(crate) fn free_block_ending_at(&self, end: DevicePtr) -> Option<DevicePtr> {
+        let (&a, b) = self.blocks.range(..end).next_back()?;
+        (a + b.size == end && b.state == BlockState::Free).then_some(a)
+    }
+
     pub(crate) fn get(&self, addr: DevicePtr) -> Option<&Block> {
         self.blocks.get(&addr)
     }
