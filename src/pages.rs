@@ -12,7 +12,7 @@
 //!
 //! # Invariants (checked by [`PageTable::check_invariants`])
 //! - Every live page is in exactly one place: the pool (and mapped nowhere), or exactly one slot
-//!   whose address it records.
+//!   (mapped, or stuck: left mapped by a failed unmap) whose address it records.
 //! - The last slot of every range is a guard hole that is never mapped, so mapped space in two
 //!   ranges that the driver happened to reserve back to back is never contiguous: blocks never grow
 //!   across reservations.
@@ -49,6 +49,9 @@ pub(crate) enum RangeKind {
 pub(crate) enum Slot {
     Hole,
     Mapped(PageId),
+    /// Mapped, but only because unmapping it failed while undoing a failed map: no block or
+    /// granule uses it, and it is unmapped again on the next release of the cache.
+    Stuck(PageId),
 }
 
 /// One reservation of virtual address space.
@@ -170,7 +173,7 @@ impl PageTable {
         let r = self.range_of(va)?;
         match self.ranges[r].slots[self.slot_index(r, va)] {
             Slot::Mapped(id) => Some(id),
-            Slot::Hole => None,
+            Slot::Hole | Slot::Stuck(_) => None,
         }
     }
 
@@ -245,8 +248,10 @@ impl PageTable {
     }
 
     /// Maps `pages` at consecutive slots from `va` (all holes of one range) and grants access over
-    /// the whole run. All or nothing: on error every page is unmapped again and left unplaced (the
-    /// caller pools them) and no slot changes. Returns the number of pages that were remaps.
+    /// the whole run. Returns the number of pages that were remaps. All or nothing: on error the
+    /// pages mapped so far are unmapped again and every page goes back to the pool; a page whose
+    /// unmap fails too stays where it is, quarantined in a `Stuck` slot, until
+    /// [`PageTable::retry_stuck`] unmaps it.
     pub(crate) fn map_run(
         &mut self,
         drv: &dyn Driver,
@@ -269,11 +274,19 @@ impl PageTable {
             result = drv.set_access(dev, va, pages.len() as u64 * ps);
         }
         if let Err(e) = result {
-            for i in 0..done {
-                // Best effort: a page whose unmap fails too cannot be reused safely, but it is
-                // still released with the rest of the pool (CUDA frees it at its last unmap).
-                let _ = drv.unmap(dev, va + i as u64 * ps, ps);
+            let r = self.range_of(va).expect("map_run inside a range");
+            let first = self.slot_index(r, va);
+            for (i, &id) in pages.iter().enumerate() {
+                let at = va + i as u64 * ps;
+                if i < done && drv.unmap(dev, at, ps).is_err() {
+                    self.ranges[r].slots[first + i] = Slot::Stuck(id);
+                    self.pages[id as usize].as_mut().expect("live page").va = Some(at);
+                    self.mapped_pages += 1;
+                } else {
+                    self.pool.push(id);
+                }
             }
+            self.advance_first_hole(r);
             return Err(e);
         }
         let r = self.range_of(va).expect("map_run inside a range");
@@ -287,11 +300,34 @@ impl PageTable {
             page.va = Some(va + i as u64 * ps);
         }
         self.mapped_pages += pages.len() as u64;
+        self.advance_first_hole(r);
+        Ok(remaps)
+    }
+
+    fn advance_first_hole(&mut self, r: usize) {
         let range = &mut self.ranges[r];
         while range.first_hole < range.slots.len() && range.slots[range.first_hole] != Slot::Hole {
             range.first_hole += 1;
         }
-        Ok(remaps)
+    }
+
+    /// Tries again to unmap quarantined pages; those that unmap go back to the pool.
+    pub(crate) fn retry_stuck(&mut self, drv: &dyn Driver, dev: usize) -> DriverResult<()> {
+        let ps = self.page_size;
+        for r in 0..self.ranges.len() {
+            for s in 0..self.ranges[r].slots.len() {
+                if let Slot::Stuck(id) = self.ranges[r].slots[s] {
+                    let va = self.ranges[r].base + s as u64 * ps;
+                    drv.unmap(dev, va, ps)?;
+                    self.ranges[r].slots[s] = Slot::Hole;
+                    self.ranges[r].first_hole = self.ranges[r].first_hole.min(s);
+                    self.pages[id as usize].as_mut().expect("live page").va = None;
+                    self.mapped_pages -= 1;
+                    self.pool.push(id);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Unmaps the page at page-aligned `va`. The slot becomes a hole and the page is returned,
@@ -321,7 +357,7 @@ impl PageTable {
         let ps = self.page_size;
         for range in &mut self.ranges {
             for (i, slot) in range.slots.iter_mut().enumerate() {
-                if let Slot::Mapped(id) = *slot {
+                if let Slot::Mapped(id) | Slot::Stuck(id) = *slot {
                     let _ = drv.unmap(dev, range.base + i as u64 * ps, ps);
                     if let Some(p) = self.pages[id as usize].as_mut() {
                         p.va = None;
@@ -358,7 +394,7 @@ impl PageTable {
                 ));
             }
             for (i, slot) in range.slots.iter().enumerate() {
-                if let Slot::Mapped(id) = *slot {
+                if let Slot::Mapped(id) | Slot::Stuck(id) = *slot {
                     let va = range.base + i as u64 * self.page_size;
                     let page = self.pages.get(id as usize).and_then(Option::as_ref);
                     let Some(page) = page else {

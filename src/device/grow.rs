@@ -241,19 +241,12 @@ impl DeviceState {
     }
 
     fn map_pages(&mut self, va: DevicePtr, pages: &[PageId]) -> Slow<()> {
-        match self
+        // On error `map_run` has put the pages back (in the pool, or quarantined).
+        let remaps = self
             .pages
-            .map_run(&*Arc::clone(&self.drv), self.dev, va, pages)
-        {
-            Ok(remaps) => {
-                self.c.remaps += remaps;
-                Ok(())
-            }
-            Err(e) => {
-                self.pages.pool.extend_from_slice(pages);
-                Err(e.into())
-            }
-        }
+            .map_run(&*Arc::clone(&self.drv), self.dev, va, pages)?;
+        self.c.remaps += remaps;
+        Ok(())
     }
 
     /// `count` unmapped pages: from the pool, then new ones under the limit, then stolen (never from
@@ -466,7 +459,8 @@ impl DeviceState {
             }
         } else {
             let mut pages = Vec::new();
-            result = self.unmap_free_pages(None, None, &mut pages);
+            result = self.pages.retry_stuck(&*drv, dev);
+            result = result.and(self.unmap_free_pages(None, None, &mut pages));
             self.pages.pool.extend(pages);
             while let Some(id) = self.pages.pool.pop() {
                 if let Err(e) = self.pages.release_page(&*drv, dev, id) {

@@ -28,7 +28,7 @@ impl DeviceState {
                 let va = range.base + i as u64 * ps;
                 match (slot, start) {
                     (Slot::Mapped(_), None) => start = Some(va),
-                    (Slot::Hole, Some(s)) => {
+                    (Slot::Hole | Slot::Stuck(_), Some(s)) => {
                         runs.push((s, va));
                         start = None;
                     }

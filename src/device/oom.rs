@@ -54,7 +54,8 @@ impl DeviceAllocator {
         requested: u64,
         stream: Stream,
     ) -> Result<DevicePtr> {
-        let possible = rounded <= st.limit_bytes().min(st.capacity);
+        // Memory already reserved can serve a request even above a lowered limit.
+        let possible = rounded <= st.limit_bytes().max(st.reserved()).min(st.capacity);
         let mut refused = None;
         if possible {
             // 1. Cached and new pages, stealing fully free ones; no waiting.
@@ -110,14 +111,19 @@ impl DeviceAllocator {
                 Err(Shortfall::Fatal(e)) => return Err(e),
             }
         }
-        // 5. Fail, saying why.
+        // 5. Fail, saying why; first give back what the failed attempts gathered, so that a
+        //    failed request leaves the cache released (others on the device may need it).
+        let mut driver_error = refused.map(|e| e.to_string());
+        if possible {
+            if let Err(e) = st.release_cache() {
+                driver_error = Some(match driver_error {
+                    Some(d) => format!("{d}; then releasing the cache failed: {e}"),
+                    None => format!("releasing the cache failed: {e}"),
+                });
+            }
+        }
         st.c.ooms += 1;
-        let report = st.oom_report(
-            requested,
-            hooks_called,
-            hooks_freed,
-            refused.map(|e| e.to_string()),
-        );
+        let report = st.oom_report(requested, hooks_called, hooks_freed, driver_error);
         st.checked();
         Err(Error::OutOfMemory(Box::new(report)))
     }

@@ -107,6 +107,8 @@ impl Tracker {
 }
 
 fn offsets(size: u64) -> impl Iterator<Item = u64> {
+    // Every request is rounded up to 512 B, so even a request of under 8 bytes holds one word.
+    let size = size.max(8);
     let last = size - 8;
     (0..size.div_ceil(STRIDE)).map(move |i| (i * STRIDE).min(last) & !7)
 }
