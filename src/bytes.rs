@@ -1,20 +1,34 @@
 //! Byte sizes: formatting as B/KiB/MiB/GiB with two decimals (as OOM messages print them) and
 //! parsing of sizes written by people (`512`, `512B`, `64KiB`, `2MiB`, `1.5GiB`, `8GB`).
 
+/// The binary units, largest first.
+const UNITS: [(&str, u64); 4] = [
+    ("TiB", 1 << 40),
+    ("GiB", 1 << 30),
+    ("MiB", 1 << 20),
+    ("KiB", 1 << 10),
+];
+
 /// Formats a byte count with binary units and two decimals: `512 B`, `1.50 KiB`, `2.00 MiB`.
 pub fn format_bytes(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
     for (name, unit) in UNITS {
         if bytes >= unit {
             return format!("{:.2} {}", bytes as f64 / unit as f64, name);
         }
     }
     format!("{bytes} B")
+}
+
+/// A size in the largest binary unit that divides it exactly (`4MiB`, `1536KiB`, `100B`), so that
+/// [`parse_bytes`] reads it back unchanged.
+pub fn format_bytes_exact(bytes: u64) -> String {
+    for (name, unit) in UNITS {
+        // Units are powers of two: `unit - 1` masks the remainder.
+        if bytes != 0 && bytes & (unit - 1) == 0 {
+            return format!("{}{name}", bytes / unit);
+        }
+    }
+    format!("{bytes}B")
 }
 
 /// Parses a size: a non-negative number (decimals allowed with a unit) followed by an optional unit,
@@ -69,6 +83,14 @@ mod tests {
         assert_eq!(format_bytes(1536), "1.50 KiB");
         assert_eq!(format_bytes(2 << 20), "2.00 MiB");
         assert_eq!(format_bytes(80 << 30), "80.00 GiB");
+    }
+
+    #[test]
+    fn exact_sizes_parse_back() {
+        for b in [0, 100, 1536, 2 << 20, 3 << 29, (1 << 40) + 512] {
+            assert_eq!(parse_bytes(&format_bytes_exact(b)).unwrap(), b);
+        }
+        assert_eq!(format_bytes_exact(2 << 20), "2MiB");
     }
 
     #[test]

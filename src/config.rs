@@ -38,7 +38,7 @@
 //! value. [`Config`]'s `Display` prints this syntax back, so `Config::parse(&c.to_string())` gives `c`
 //! again.
 
-use crate::bytes::parse_bytes;
+use crate::bytes::{format_bytes_exact, parse_bytes};
 use crate::error::{Error, Result};
 use std::fmt;
 use std::str::FromStr;
@@ -312,33 +312,16 @@ fn unknown_key(key: &str) -> String {
     )
 }
 
-/// A size in the largest binary unit that divides it exactly, so that it parses back unchanged.
-fn format_size_exact(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [
-        ("TiB", 1 << 40),
-        ("GiB", 1 << 30),
-        ("MiB", 1 << 20),
-        ("KiB", 1 << 10),
-    ];
-    for (name, unit) in UNITS {
-        // Units are powers of two: `unit - 1` masks the remainder.
-        if bytes != 0 && bytes & (unit - 1) == 0 {
-            return format!("{}{name}", bytes / unit);
-        }
-    }
-    format!("{bytes}B")
-}
-
 impl fmt::Display for Config {
     /// Prints the `TESSERA_CONF` syntax: every key that has a value (`page_size`, `limit` and
     /// `memory_fraction` are left out when unset, which is their default).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "backend:{}", self.backend)?;
         if let Some(p) = self.page_size {
-            write!(f, ",page_size:{}", format_size_exact(p))?;
+            write!(f, ",page_size:{}", format_bytes_exact(p))?;
         }
         if let Some(l) = self.limit {
-            write!(f, ",limit:{}", format_size_exact(l))?;
+            write!(f, ",limit:{}", format_bytes_exact(l))?;
         }
         if let Some(m) = self.memory_fraction {
             // `{}` on f64 prints the shortest text that parses back to the same value.
@@ -347,7 +330,7 @@ impl fmt::Display for Config {
         write!(
             f,
             ",small_max:{},size_classes:{},check_invariants:{}",
-            format_size_exact(self.small_max),
+            format_bytes_exact(self.small_max),
             self.classes_per_doubling,
             self.check_invariants
         )

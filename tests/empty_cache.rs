@@ -264,10 +264,16 @@ fn memory_released_is_reused_by_the_device() {
     assert_eq!(sim.bytes_in_use(0), 0);
 }
 
-#[test]
-fn free_neighbours_of_two_streams_are_released_together() {
-    // A page shared by free blocks of two streams is fully free once both streams are done.
-    let (sim, t) = sim_alloc(64 * MIB, Config::default());
+/// Free blocks of two streams share a page (VMM) or a segment (legacy): once both streams are
+/// done, the page or segment is wholly free and goes back.
+fn free_neighbours_of_two_streams_are_released_together(backend: Backend) {
+    let (sim, t) = sim_alloc(
+        64 * MIB,
+        Config {
+            backend,
+            ..Config::default()
+        },
+    );
     let mut tr = Tracker::default();
     let seg = alloc(&t, &mut tr, 4 * MIB, S).unwrap();
     free(&t, &mut tr, seg);
@@ -282,21 +288,11 @@ fn free_neighbours_of_two_streams_are_released_together() {
 }
 
 #[test]
-fn legacy_segment_split_between_two_streams_is_released_when_all_free() {
-    let config = Config {
-        backend: Backend::Legacy,
-        ..Config::default()
-    };
-    let (sim, t) = sim_alloc(64 * MIB, config);
-    let mut tr = Tracker::default();
-    let seg = alloc(&t, &mut tr, 4 * MIB, S).unwrap();
-    free(&t, &mut tr, seg);
-    let a = alloc(&t, &mut tr, 3 * MIB / 2, S).unwrap();
-    let b = alloc(&t, &mut tr, 3 * MIB / 2, Stream(1)).unwrap();
-    assert_eq!((a, b), (seg, seg + 3 * MIB / 2));
-    free(&t, &mut tr, a);
-    free(&t, &mut tr, b);
-    // Two free blocks of two streams tile the segment: once both streams are done it goes.
-    assert_eq!(release(&sim, &t, &tr, empty), 4 * MIB);
-    assert_eq!(sim.bytes_in_use(0), 0);
+fn vmm_free_neighbours_of_two_streams_are_released_together() {
+    free_neighbours_of_two_streams_are_released_together(Backend::Vmm);
+}
+
+#[test]
+fn legacy_free_neighbours_of_two_streams_are_released_together() {
+    free_neighbours_of_two_streams_are_released_together(Backend::Legacy);
 }

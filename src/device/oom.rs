@@ -17,7 +17,7 @@
 
 use super::grow::Shortfall;
 use super::{DeviceAllocator, DeviceState};
-use crate::driver::{DevicePtr, Stream};
+use crate::driver::{DevicePtr, DriverError, Stream};
 use crate::error::{Error, OomReport, Result};
 use crate::sync::MutexGuard;
 use std::cell::Cell;
@@ -59,26 +59,17 @@ impl DeviceAllocator {
         let mut refused = None;
         if possible {
             // 1. Cached and new pages, stealing fully free ones; no waiting.
-            match attempt(&mut st, rounded, requested, stream, false) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
-                Err(Shortfall::Fatal(e)) => return Err(e),
+            if let Some(p) = attempt(&mut st, rounded, requested, stream, false, &mut refused)? {
+                return Ok(p);
             }
             // ... and again after waiting for the streams that hold freed memory back.
-            match attempt(&mut st, rounded, requested, stream, true) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
-                Err(Shortfall::Fatal(e)) => return Err(e),
+            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
+                return Ok(p);
             }
             // 2. Release the cache to the driver, retry.
             st.release_cache()?;
-            match attempt(&mut st, rounded, requested, stream, true) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
-                Err(Shortfall::Fatal(e)) => return Err(e),
+            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
+                return Ok(p);
             }
         }
         // 3. Hooks, without the lock.
@@ -104,11 +95,8 @@ impl DeviceAllocator {
         // 4. Compact and retry.
         if possible {
             st.compact()?;
-            match attempt(&mut st, rounded, requested, stream, true) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(Shortfall::NoMemory(e)) => refused = e.or(refused),
-                Err(Shortfall::Fatal(e)) => return Err(e),
+            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
+                return Ok(p);
             }
         }
         // 5. Fail, saying why; first give back what the failed attempts gathered, so that a
@@ -129,21 +117,26 @@ impl DeviceAllocator {
     }
 }
 
-/// One try of the slow path, with the invariant check after it. "No memory" without a driver
-/// refusal becomes `Ok(None)`; the driver's refusal is kept for the report.
+/// One try of the slow path, with the invariant check after it. "No memory" is `Ok(None)`, the
+/// driver's refusal (if it was the driver that refused) kept in `refused` for the report; any
+/// other failure ends the sequence.
 fn attempt(
     st: &mut DeviceState,
     rounded: u64,
     requested: u64,
     stream: Stream,
     wait: bool,
-) -> std::result::Result<Option<DevicePtr>, Shortfall> {
+    refused: &mut Option<DriverError>,
+) -> Result<Option<DevicePtr>> {
     let r = st.allocate_slow(rounded, requested, stream, wait);
     st.checked();
     match r {
         Ok(p) => Ok(Some(p)),
-        Err(Shortfall::NoMemory(None)) => Ok(None),
-        Err(e) => Err(e),
+        Err(Shortfall::NoMemory(e)) => {
+            *refused = e.or(refused.take());
+            Ok(None)
+        }
+        Err(Shortfall::Fatal(e)) => Err(e),
     }
 }
 
