@@ -27,6 +27,8 @@ pub(crate) struct Counters {
     pub(crate) hook_calls: u64,
     pub(crate) ooms: u64,
     pub(crate) invalid_frees: u64,
+    pub(crate) driver_errors: u64,
+    pub(crate) last_driver_error: Option<String>,
 }
 
 impl Counters {
@@ -48,6 +50,13 @@ impl Counters {
         self.active -= 1;
         self.frees += 1;
         self.freed_bytes += size;
+    }
+
+    /// A driver error that did not fail the operation in progress.
+    #[cold]
+    pub(crate) fn note_driver_error(&mut self, e: &crate::driver::DriverError) {
+        self.driver_errors += 1;
+        self.last_driver_error = Some(e.to_string());
     }
 
     pub(crate) fn note_reserved(&mut self, reserved: u64) {
@@ -95,6 +104,10 @@ pub struct Stats {
     pub ooms: u64,
     /// Frees of unknown pointers and double frees (rejected, nothing changed).
     pub invalid_frees: u64,
+    /// Driver errors that did not fail an operation (a fence for memory the request did not
+    /// need), and the last one's message.
+    pub driver_errors: u64,
+    pub last_driver_error: Option<String>,
     /// The reserved-bytes limit in force, if any.
     pub limit_bytes: Option<u64>,
     pub page_size: u64,

@@ -121,6 +121,8 @@ struct Outcome {
     succeeded: usize,
     /// Driver calls made by the operations (the clean-up after them not included).
     calls: Vec<(Call, u64)>,
+    /// The last driver error that did not fail an operation (stats), if any.
+    counted: Option<String>,
 }
 
 /// Runs `ops` with the checks after each; `allowed` says which driver errors may surface.
@@ -187,6 +189,7 @@ fn run(
         assert_eq!(st.active_blocks, tr.len() as u64, "step {step}");
     }
     out.calls = sim.call_counts();
+    out.counted = t.stats(0).unwrap().last_driver_error;
     // Faults off: everything goes back.
     sim.clear_faults();
     for s in held {
@@ -267,8 +270,13 @@ fn every_fault_at_every_point(backend: Backend, calls: &[Call]) {
                 match r {
                     Ok(out) => {
                         // A failure other than "out of memory" is never swallowed: some
-                        // operation reports it, naming the call.
-                        let named = out.errors.iter().any(|(_, e)| e.contains(call.cuda_name()));
+                        // operation reports it, naming the call, or (when the operation did not
+                        // need what the call was for) the stats count it.
+                        let named = out.errors.iter().any(|(_, e)| e.contains(call.cuda_name()))
+                            || out
+                                .counted
+                                .as_ref()
+                                .is_some_and(|e| e.contains(call.cuda_name()));
                         if error != CudaError::OutOfMemory && !named {
                             failures.push(format!(
                                 "{backend}: {call} failing ({}) at call {n} of {count}: no \

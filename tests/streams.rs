@@ -238,3 +238,30 @@ fn an_empty_granule_of_a_finished_stream_is_adopted_by_another() {
     t.empty_cache(0).unwrap();
     assert_eq!(sim.bytes_in_use(0), 0);
 }
+
+/// A stream that never goes idle still settles: an event that has completed is not thrown away by
+/// re-recording it for a newer free (the fence keeps the older event standing).
+#[test]
+fn memory_whose_work_finished_is_released_while_its_stream_is_busy_again() {
+    let (sim, t) = sim_alloc(64 * MIB, Config::default());
+    let mut tr = Tracker::default();
+    let a = Stream(1);
+    sim.hold_stream(0, a);
+    let x = alloc(&t, &mut tr, 4 * MIB, a).unwrap();
+    let spacer = alloc(&t, &mut tr, 4 * MIB, a).unwrap();
+    let y = alloc(&t, &mut tr, 4 * MIB, a).unwrap();
+    free(&t, &mut tr, x);
+    // The work on x is still queued: nothing is released, an event now covers x's free.
+    assert_eq!(t.trim(0).unwrap(), 0);
+    // The GPU finishes that work, but the stream stays busy with new work; y is freed.
+    sim.complete_stream(0, a);
+    free(&t, &mut tr, y);
+    // x's pages are done and go back; y's wait for the newer event.
+    assert_eq!(t.trim(0).unwrap(), 4 * MIB);
+    assert!(!sim.is_mapped(0, x));
+    assert!(sim.is_mapped(0, y));
+    sim.release_stream(0, a);
+    free(&t, &mut tr, spacer);
+    t.empty_cache(0).unwrap();
+    assert_eq!(sim.bytes_in_use(0), 0);
+}

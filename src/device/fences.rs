@@ -14,7 +14,11 @@
 //!
 //! # Invariants
 //! - `settled` only grows, and never passes the device's sequence counter.
-//! - At most one event per stream is outstanding; re-recording it moves its coverage forward.
+//! - At most two events per stream are outstanding, oldest first, covering increasing sequence
+//!   numbers. A newer request re-records the newer one and leaves the older one standing, so on a
+//!   stream that never goes idle the older event still completes and `settled` still advances
+//!   (re-recording a single event could chase the stream forever).
+//! - A failed record changes nothing: the events keep the coverage they had.
 //!
 //! # Locking
 //! None of its own; used under the device lock. `sync_all` waits on the driver while the lock is
@@ -23,13 +27,22 @@
 use crate::driver::{Driver, DriverResult, Event, Stream};
 use std::collections::HashMap;
 
+/// Outstanding events per stream, at most.
+const MAX_OUTSTANDING: usize = 2;
+
 #[derive(Debug, Default)]
 struct StreamFence {
     settled: u64,
-    /// The outstanding event and the sequence number it covers.
-    pending: Option<(Event, u64)>,
-    /// An event kept for reuse when none is outstanding.
-    idle: Option<Event>,
+    /// Outstanding events and the sequence number each covers, oldest first.
+    pending: Vec<(Event, u64)>,
+    /// Events kept for reuse.
+    idle: Vec<Event>,
+}
+
+impl StreamFence {
+    fn covers(&self, upto: u64) -> bool {
+        self.settled >= upto || self.pending.last().is_some_and(|&(_, s)| s >= upto)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -45,8 +58,7 @@ impl Fences {
         seq == 0 || self.streams.get(&stream).is_some_and(|f| f.settled >= seq)
     }
 
-    /// Records (or re-records) the fence of `stream` to cover sequence `upto`, unless it already
-    /// does. Non-blocking.
+    /// Makes an event on `stream` cover sequence `upto`, unless one already does. Non-blocking.
     pub(crate) fn request(
         &mut self,
         drv: &dyn Driver,
@@ -55,43 +67,51 @@ impl Fences {
         upto: u64,
     ) -> DriverResult<()> {
         let f = self.streams.entry(stream).or_default();
-        if f.settled >= upto || f.pending.is_some_and(|(_, s)| s >= upto) {
+        if f.covers(upto) {
             return Ok(());
         }
-        let ev = match f.pending.take().map(|(e, _)| e).or(f.idle.take()) {
+        if f.pending.len() == MAX_OUTSTANDING {
+            // Re-record the newer event; the older one keeps standing for what it covers.
+            let (ev, _) = f.pending[MAX_OUTSTANDING - 1];
+            drv.event_record(dev, ev, stream)?;
+            f.pending[MAX_OUTSTANDING - 1].1 = upto;
+            return Ok(());
+        }
+        let ev = match f.idle.pop() {
             Some(e) => e,
             None => drv.event_create(dev)?,
         };
         if let Err(e) = drv.event_record(dev, ev, stream) {
-            f.idle = Some(ev);
+            f.idle.push(ev);
             return Err(e);
         }
-        f.pending = Some((ev, upto));
+        f.pending.push((ev, upto));
         Ok(())
     }
 
-    /// Queries every outstanding event and advances `settled` for those that completed.
+    /// Queries the outstanding events, oldest first, and advances `settled` past those that
+    /// completed.
     pub(crate) fn poll(&mut self, drv: &dyn Driver, dev: usize) -> DriverResult<()> {
         for f in self.streams.values_mut() {
-            if let Some((ev, seq)) = f.pending {
-                if drv.event_query(dev, ev)? {
-                    f.settled = f.settled.max(seq);
-                    f.pending = None;
-                    f.idle = Some(ev);
+            while let Some(&(ev, seq)) = f.pending.first() {
+                if !drv.event_query(dev, ev)? {
+                    break;
                 }
+                f.settled = f.settled.max(seq);
+                f.idle.push(f.pending.remove(0).0);
             }
         }
         Ok(())
     }
 
-    /// Waits for every outstanding event (the slow path of the OOM sequence).
+    /// Waits for every outstanding event (the slow path of the OOM sequence). Waiting for the
+    /// newest covers the older ones: they were recorded earlier on the same stream.
     pub(crate) fn wait_all(&mut self, drv: &dyn Driver, dev: usize) -> DriverResult<()> {
         for f in self.streams.values_mut() {
-            if let Some((ev, seq)) = f.pending {
+            if let Some(&(ev, seq)) = f.pending.last() {
                 drv.event_synchronize(dev, ev)?;
                 f.settled = f.settled.max(seq);
-                f.pending = None;
-                f.idle = Some(ev);
+                f.idle.extend(f.pending.drain(..).map(|(e, _)| e));
             }
         }
         Ok(())
@@ -100,13 +120,8 @@ impl Fences {
     /// Destroys every event (teardown; errors ignored).
     pub(crate) fn teardown(&mut self, drv: &dyn Driver, dev: usize) {
         for f in self.streams.values_mut() {
-            for ev in f
-                .pending
-                .take()
-                .map(|(e, _)| e)
-                .into_iter()
-                .chain(f.idle.take())
-            {
+            let pending = f.pending.drain(..).map(|(e, _)| e);
+            for ev in pending.chain(f.idle.drain(..)) {
                 let _ = drv.event_destroy(dev, ev);
             }
         }

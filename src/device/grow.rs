@@ -52,7 +52,12 @@ impl DeviceState {
         stream: Stream,
         wait: bool,
     ) -> Slow<DevicePtr> {
-        self.settle_pending(wait)?;
+        // Parked frees join the pools when their streams are done. A fence that cannot be had
+        // here (a stream destroyed after `record_stream`, say) must not fail a request that may
+        // not need that memory: the free stays parked, and the error is counted in the stats.
+        if let Err(e) = self.settle_pending(wait) {
+            self.c.note_driver_error(&e);
+        }
         if wait {
             self.request_all_fences()?;
             self.fences.wait_all(&*Arc::clone(&self.drv), self.dev)?;
@@ -210,17 +215,20 @@ impl DeviceState {
         };
         let pages = self.obtain_pages(count, best.map(|_| va))?;
         self.map_pages(va, &pages)?;
-        if best.is_some() {
-            // Gathering pages may have merged the block being extended with a neighbour (see
-            // `merge_settled_neighbours`), so find it again by where it ends.
-            if let Some(a) = self.large.free_block_ending_at(va) {
-                if self.large.get(a).is_some_and(|b| b.stream != stream) {
-                    self.large.retag(a, stream);
-                }
+        if let Some((a, _)) = best {
+            // Gathering pages neither merged nor carved the block being extended (`keep_end`), so
+            // it is still there, free, and ours or another stream's whose work on it is done.
+            debug_assert_eq!(self.large.free_block_ending_at(va), Some(a));
+            if self.large.get(a).is_some_and(|b| b.stream != stream) {
+                self.large.retag(a, stream);
             }
         }
         let at = self.large.insert_free(va, count as u64 * ps, stream, 0, 0);
-        debug_assert!(self.large.get(at).is_some_and(|b| b.size >= size));
+        if self.large.get(at).is_none_or(|b| b.size < size) {
+            // Cannot happen (see above); if it did, the new pages stay cached as a free block.
+            debug_assert!(false, "extended block at {at:#x} is smaller than {size}");
+            return Err(Shortfall::NoMemory(None));
+        }
         Ok(at)
     }
 
@@ -310,7 +318,7 @@ impl DeviceState {
         // Learn which streams are done with their freed memory (records and queries; no waiting).
         self.request_all_fences()?;
         self.fences.poll(&*drv, dev)?;
-        self.merge_settled_neighbours();
+        self.merge_settled_neighbours(keep_end);
         let granules: Vec<(DevicePtr, Stream, u64)> = self
             .small
             .empty_granules()
@@ -367,7 +375,10 @@ impl DeviceState {
 
     /// Merges address-adjacent free blocks of different streams once the work of both is done
     /// (either stream may have the memory then), so that pages straddling them count as fully free.
-    fn merge_settled_neighbours(&mut self) {
+    /// The free block ending at `keep_end` (the one being extended) is left alone: merging it with
+    /// a neighbour still busy on its own stream would hand that neighbour's memory to the
+    /// requesting stream.
+    fn merge_settled_neighbours(&mut self, keep_end: Option<DevicePtr>) {
         let settled = |st: &Self, a: DevicePtr| {
             st.large.get(a).is_some_and(|b| {
                 b.state == BlockState::Free && st.fences.is_settled(b.stream, b.free_seq)
@@ -381,7 +392,9 @@ impl DeviceState {
             let b = self.large.get(a).expect("free block");
             let (end, stream, region) = (a + b.size, b.stream, b.region);
             let nb = self.large.get(next).expect("free block");
+            let protected = Some(end) == keep_end || Some(next + nb.size) == keep_end;
             if end == next
+                && !protected
                 && nb.region == region
                 && nb.stream != stream
                 && settled(self, a)
@@ -428,7 +441,7 @@ impl DeviceState {
             self.request_all_fences()?;
             self.fences.poll(&*drv, dev)?;
             // A segment whose free blocks belong to several finished streams is wholly free.
-            self.merge_settled_neighbours();
+            self.merge_settled_neighbours(None);
             let mut free_segments: Vec<DevicePtr> = self
                 .small
                 .empty_granules()
@@ -482,13 +495,13 @@ impl DeviceState {
     pub(crate) fn teardown(&mut self) {
         let drv = Arc::clone(&self.drv);
         self.fences.teardown(&*drv, self.dev);
+        for r in &self.pages.ranges {
+            self.address_map.remove(r.base);
+        }
         self.pages.teardown(&*drv, self.dev);
         for &base in self.legacy.keys() {
             let _ = drv.free_legacy(self.dev, base);
             self.address_map.remove(base);
-        }
-        for r in &self.pages.ranges {
-            self.address_map.remove(r.base);
         }
         self.legacy.clear();
         self.legacy_bytes = 0;

@@ -148,6 +148,8 @@ impl DeviceState {
             hook_calls: c.hook_calls,
             ooms: c.ooms,
             invalid_frees: c.invalid_frees,
+            driver_errors: c.driver_errors,
+            last_driver_error: c.last_driver_error.clone(),
             limit_bytes: (limit != u64::MAX).then_some(limit),
             page_size: self.page_size,
         }
@@ -164,7 +166,7 @@ impl DeviceState {
 
     /// Every segment and block.
     pub(crate) fn snapshot(&self) -> Snapshot {
-        let pending: HashSet<DevicePtr> = self.pending.iter().map(|p| p.ptr).collect();
+        let pending: HashSet<DevicePtr> = self.pending.keys().copied().collect();
         let kind = match self.backend {
             Backend::Vmm => SegmentKind::Large,
             Backend::Legacy => SegmentKind::Legacy,
@@ -323,13 +325,13 @@ impl DeviceState {
             .values()
             .filter(|b| b.state == BlockState::Pending)
             .count();
-        if pending_large != self.pending.iter().filter(|p| !p.small).count() {
+        if pending_large != self.pending.values().filter(|p| !p.small).count() {
             return Err("pending large blocks and parked frees disagree".into());
         }
 
         // Stats equal the sums over blocks and slots.
         let (mut alloc, mut req, mut active) = self.small.totals();
-        for p in self.pending.iter().filter(|p| p.small) {
+        for p in self.pending.values().filter(|p| p.small) {
             let (_, size, r, _) = self
                 .small
                 .slot_of(p.ptr)

@@ -74,7 +74,8 @@ pub(crate) struct DeviceState {
     pub(crate) fences: Fences,
     /// The latest free sequence number.
     pub(crate) seq: u64,
-    pub(crate) pending: Vec<PendingFree>,
+    /// Parked frees, by pointer.
+    pub(crate) pending: HashMap<DevicePtr, PendingFree>,
     /// Streams recorded on live allocations (`record_stream`), besides their own.
     pub(crate) recorded: HashMap<DevicePtr, Vec<Stream>>,
     pub(crate) c: Counters,
@@ -123,9 +124,9 @@ impl DeviceAllocator {
             backend = Backend::Legacy;
         }
         let page_size = config.page_size.unwrap_or(granularity);
-        if page_size == 0 || !page_size.is_multiple_of(granularity) {
+        if !page_size.is_power_of_two() || !page_size.is_multiple_of(granularity) {
             return Err(Error::Config(format!(
-                "page_size {page_size} is not a multiple of device {dev}'s granularity {granularity}"
+                "page_size {page_size} is not a power-of-two multiple of device {dev}'s granularity {granularity}"
             )));
         }
         if config.small_max > page_size / 2 {
@@ -151,7 +152,7 @@ impl DeviceAllocator {
             legacy_bytes: 0,
             fences: Fences::default(),
             seq: 0,
-            pending: Vec::new(),
+            pending: HashMap::new(),
             recorded: HashMap::new(),
             c: Counters::default(),
             address_map,
@@ -241,7 +242,7 @@ impl DeviceState {
         } else {
             self.recorded.remove(&ptr)
         };
-        if !self.pending.is_empty() && self.pending.iter().any(|p| p.ptr == ptr) {
+        if !self.pending.is_empty() && self.pending.contains_key(&ptr) {
             return Err(self.bad_free(Error::DoubleFree {
                 ptr,
                 device: self.dev,
@@ -257,12 +258,7 @@ impl DeviceState {
                 debug_assert_eq!(base, ptr);
                 self.seq = seq;
                 self.c.note_free(size, req);
-                self.pending.push(PendingFree {
-                    ptr,
-                    small: true,
-                    streams,
-                    seq,
-                });
+                self.park(ptr, true, streams, seq);
                 return Ok(size);
             }
             return match self.small.free(ptr, seq) {
@@ -279,12 +275,7 @@ impl DeviceState {
                 let req = b.requested;
                 let size = self.large.release(ptr, seq, recorded.is_some());
                 if let Some(streams) = recorded {
-                    self.pending.push(PendingFree {
-                        ptr,
-                        small: false,
-                        streams,
-                        seq,
-                    });
+                    self.park(ptr, false, streams, seq);
                 }
                 self.seq = seq;
                 self.c.note_free(size, req);
@@ -350,7 +341,8 @@ impl DeviceState {
     /// The live allocation starting at `ptr`, or containing it: (base, size, requested, stream).
     pub(crate) fn allocation(&self, ptr: DevicePtr) -> Option<(DevicePtr, u64, u64, Stream)> {
         if self.small.owns(ptr) {
-            return self.small.slot_of(ptr).filter(|_| !self.is_pending(ptr));
+            // A parked free is not live, whichever pointer into it is asked about.
+            return self.small.slot_of(ptr).filter(|s| !self.is_pending(s.0));
         }
         match self.large.lookup(ptr) {
             Lookup::Start(b) | Lookup::Interior(_, b) if b.state == BlockState::Allocated => {
@@ -365,7 +357,29 @@ impl DeviceState {
     }
 
     fn is_pending(&self, ptr: DevicePtr) -> bool {
-        self.pending.iter().any(|p| p.ptr == ptr)
+        self.pending.contains_key(&ptr)
+    }
+
+    /// Parks a free until the work queued on `streams` before it has finished. Their events are
+    /// recorded now, at the free, as PyTorch does: a stream the user destroys later cannot leave
+    /// the memory unprotected. A record that fails is counted and tried again when settling.
+    #[cold]
+    fn park(&mut self, ptr: DevicePtr, small: bool, streams: Vec<Stream>, seq: u64) {
+        let drv = Arc::clone(&self.drv);
+        for &s in &streams {
+            if let Err(e) = self.fences.request(&*drv, self.dev, s, seq) {
+                self.c.note_driver_error(&e);
+            }
+        }
+        self.pending.insert(
+            ptr,
+            PendingFree {
+                ptr,
+                small,
+                streams,
+                seq,
+            },
+        );
     }
 
     /// `record_stream`: the allocation at `ptr` is also used on `stream`; its memory is reused or
@@ -394,7 +408,7 @@ impl DeviceState {
             return Ok(());
         }
         let drv = Arc::clone(&self.drv);
-        for p in &self.pending {
+        for p in self.pending.values() {
             for &s in &p.streams {
                 self.fences.request(&*drv, self.dev, s, p.seq)?;
             }
@@ -404,19 +418,19 @@ impl DeviceState {
         } else {
             self.fences.poll(&*drv, self.dev)?;
         }
-        let mut i = 0;
-        while i < self.pending.len() {
-            let p = &self.pending[i];
-            if p.streams.iter().all(|&s| self.fences.is_settled(s, p.seq)) {
-                let p = self.pending.swap_remove(i);
-                if p.small {
-                    let freed = self.small.free(p.ptr, p.seq);
-                    debug_assert!(matches!(freed, SmallFree::Freed { .. }));
-                } else {
-                    self.large.settle_pending(p.ptr);
-                }
+        let done: Vec<DevicePtr> = self
+            .pending
+            .values()
+            .filter(|p| p.streams.iter().all(|&s| self.fences.is_settled(s, p.seq)))
+            .map(|p| p.ptr)
+            .collect();
+        for ptr in done {
+            let p = self.pending.remove(&ptr).expect("parked free");
+            if p.small {
+                let freed = self.small.free(p.ptr, p.seq);
+                debug_assert!(matches!(freed, SmallFree::Freed { .. }));
             } else {
-                i += 1;
+                self.large.settle_pending(p.ptr);
             }
         }
         Ok(())

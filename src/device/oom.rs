@@ -55,9 +55,10 @@ impl DeviceAllocator {
         stream: Stream,
     ) -> Result<DevicePtr> {
         // Memory already reserved can serve a request even above a lowered limit.
-        let possible = rounded <= st.limit_bytes().max(st.reserved()).min(st.capacity);
+        let possible =
+            |st: &DeviceState| rounded <= st.limit_bytes().max(st.reserved()).min(st.capacity);
         let mut refused = None;
-        if possible {
+        if possible(&st) {
             // 1. Cached and new pages, stealing fully free ones; no waiting.
             if let Some(p) = attempt(&mut st, rounded, requested, stream, false, &mut refused)? {
                 return Ok(p);
@@ -79,7 +80,6 @@ impl DeviceAllocator {
             let hooks = self.hooks.snapshot();
             if !hooks.is_empty() {
                 let freed_before = st.c.freed_bytes;
-                st.c.hook_calls += hooks.len() as u64;
                 drop(st);
                 {
                     let _scope = HookScope::enter();
@@ -89,11 +89,12 @@ impl DeviceAllocator {
                     }
                 }
                 st = self.state.lock();
+                st.c.hook_calls += u64::from(hooks_called);
                 hooks_freed = st.c.freed_bytes.saturating_sub(freed_before);
             }
         }
-        // 4. Compact and retry.
-        if possible {
+        // 4. Compact and retry (asking again: a hook may have raised the limit).
+        if possible(&st) {
             st.compact()?;
             if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
                 return Ok(p);
@@ -102,7 +103,7 @@ impl DeviceAllocator {
         // 5. Fail, saying why; first give back what the failed attempts gathered, so that a
         //    failed request leaves the cache released (others on the device may need it).
         let mut driver_error = refused.map(|e| e.to_string());
-        if possible {
+        if possible(&st) {
             if let Err(e) = st.release_cache() {
                 driver_error = Some(match driver_error {
                     Some(d) => format!("{d}; then releasing the cache failed: {e}"),

@@ -37,7 +37,7 @@ pub(crate) struct SizeClasses {
     pub(crate) sizes: Vec<u64>,
     run_units: Vec<u32>,
     /// Class of each size (index: size / 512 - 1).
-    by_size: Vec<u8>,
+    by_size: Vec<u16>,
 }
 
 impl SizeClasses {
@@ -77,7 +77,7 @@ impl SizeClasses {
             while sizes[c] < k * 512 {
                 c += 1;
             }
-            by_size.push(c as u8);
+            by_size.push(c as u16);
         }
         SizeClasses {
             sizes,
@@ -116,10 +116,10 @@ struct Run {
     first_unit: u16,
     units: u16,
     stream: Stream,
-    free: Vec<u16>,
-    live: u16,
+    free: Vec<u32>,
+    live: u32,
     /// Requested bytes per slot; 0 = free.
-    requested: Vec<u32>,
+    requested: Vec<u64>,
     partial_pos: u32,
 }
 
@@ -218,7 +218,7 @@ impl SmallPool {
             .expect("listed run is live");
         let slot = run.free.pop().expect("a listed run has a free slot");
         run.live += 1;
-        run.requested[slot as usize] = requested as u32;
+        run.requested[slot as usize] = requested;
         if run.free.is_empty() {
             list.pop();
             run.partial_pos = NOT_LISTED;
@@ -257,7 +257,7 @@ impl SmallPool {
             return false;
         };
         let size = self.classes.sizes[class];
-        let slots = (need as u64 * self.unit / size) as u16;
+        let slots = (need as u64 * self.unit / size) as u32;
         let g = self.granules[gid as usize].as_mut().expect("live granule");
         let run = Run {
             base: g.base + first as u64 * self.unit,
@@ -425,7 +425,7 @@ impl SmallPool {
         let size = self.classes.sizes[run.class as usize];
         let slot = (ptr - run.base) / size;
         let req = *run.requested.get(slot as usize)?;
-        (req != 0).then_some((run.base + slot * size, size, req as u64, run.stream))
+        (req != 0).then_some((run.base + slot * size, size, req, run.stream))
     }
 
     /// Frees the slot at `ptr`, at device free sequence `seq`.
@@ -452,7 +452,7 @@ impl SmallPool {
         if requested == 0 {
             return SmallFree::DoubleFree;
         }
-        run.free.push(slot as u16);
+        run.free.push(slot as u32);
         run.live -= 1;
         let (was_full, now_idle, class, stream) = (
             run.free.len() == 1,
@@ -462,7 +462,8 @@ impl SmallPool {
         );
         let g = self.granules[gid as usize].as_mut().expect("live granule");
         g.live_bytes -= size;
-        g.free_seq = seq;
+        // A parked free settling late carries an older number: keep the newest.
+        g.free_seq = g.free_seq.max(seq);
         if was_full {
             self.list_run(run_id);
         }
@@ -473,10 +474,7 @@ impl SmallPool {
                 self.retire_run(run_id);
             }
         }
-        SmallFree::Freed {
-            size,
-            requested: requested as u64,
-        }
+        SmallFree::Freed { size, requested }
     }
 
     /// Every granule, for stats and snapshots.
@@ -507,7 +505,7 @@ impl SmallPool {
                     out.push(SlotInfo {
                         addr: run.base + i as u64 * size,
                         size,
-                        requested: req as u64,
+                        requested: req,
                         stream: run.stream,
                     });
                 }
@@ -522,7 +520,7 @@ impl SmallPool {
         for run in self.runs.iter().flatten() {
             let size = self.classes.sizes[run.class as usize];
             t.0 += run.live as u64 * size;
-            t.1 += run.requested.iter().map(|&r| r as u64).sum::<u64>();
+            t.1 += run.requested.iter().sum::<u64>();
             t.2 += run.live as u64;
         }
         t
