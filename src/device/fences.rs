@@ -90,18 +90,26 @@ impl Fences {
     }
 
     /// Queries the outstanding events, oldest first, and advances `settled` past those that
-    /// completed.
+    /// completed. A query that fails leaves its stream as it was and the others are still
+    /// polled; the last error is returned.
     pub(crate) fn poll(&mut self, drv: &dyn Driver, dev: usize) -> DriverResult<()> {
+        let mut result = Ok(());
         for f in self.streams.values_mut() {
             while let Some(&(ev, seq)) = f.pending.first() {
-                if !drv.event_query(dev, ev)? {
-                    break;
+                match drv.event_query(dev, ev) {
+                    Ok(true) => {
+                        f.settled = f.settled.max(seq);
+                        f.idle.push(f.pending.remove(0).0);
+                    }
+                    Ok(false) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
                 }
-                f.settled = f.settled.max(seq);
-                f.idle.push(f.pending.remove(0).0);
             }
         }
-        Ok(())
+        result
     }
 
     /// Waits for every outstanding event (the slow path of the OOM sequence). Waiting for the

@@ -59,7 +59,7 @@ impl DeviceState {
             self.c.note_driver_error(&e);
         }
         if wait {
-            self.request_all_fences()?;
+            self.request_all_fences();
             self.fences.wait_all(&*Arc::clone(&self.drv), self.dev)?;
         }
         if let Some(p) = self.try_cached(rounded, requested, stream) {
@@ -109,19 +109,35 @@ impl DeviceState {
         Ok(())
     }
 
-    /// Whether the work of `stream` up to free `seq` is done; records and queries a fence if needed.
+    /// Whether the work of `stream` up to free `seq` is done; records and queries a fence if
+    /// needed. A fence that cannot be had means "not known to be done" (the error is counted).
     fn settle_fence(&mut self, stream: Stream, seq: u64) -> Slow<bool> {
         if self.fences.is_settled(stream, seq) {
             return Ok(true);
         }
         let drv = Arc::clone(&self.drv);
-        self.fences.request(&*drv, self.dev, stream, seq)?;
-        self.fences.poll(&*drv, self.dev)?;
+        if let Err(e) = self.fences.request(&*drv, self.dev, stream, seq) {
+            self.c.note_driver_error(&e);
+        }
+        if let Err(e) = self.fences.poll(&*drv, self.dev) {
+            self.c.note_driver_error(&e);
+        }
         Ok(self.fences.is_settled(stream, seq))
     }
 
-    /// Records a fence on every stream that has freed memory not yet known to be done.
-    pub(crate) fn request_all_fences(&mut self) -> std::result::Result<(), DriverError> {
+    /// Records fences on every stream with freed memory not yet known to be done, and polls them.
+    /// Best effort, per stream: one stream whose event cannot be recorded or queried (destroyed
+    /// after use, say) keeps its own memory back, not everyone's; the error is counted.
+    pub(crate) fn refresh_fences(&mut self) {
+        self.request_all_fences();
+        if let Err(e) = self.fences.poll(&*Arc::clone(&self.drv), self.dev) {
+            self.c.note_driver_error(&e);
+        }
+    }
+
+    /// Records a fence on every stream that has freed memory not yet known to be done (best
+    /// effort, per stream; errors counted).
+    pub(crate) fn request_all_fences(&mut self) {
         let drv = Arc::clone(&self.drv);
         // One fence per stream, covering its latest free.
         let mut need: HashMap<Stream, u64> = HashMap::new();
@@ -135,10 +151,11 @@ impl DeviceState {
         }
         for (s, seq) in need {
             if !self.fences.is_settled(s, seq) {
-                self.fences.request(&*drv, self.dev, s, seq)?;
+                if let Err(e) = self.fences.request(&*drv, self.dev, s, seq) {
+                    self.c.note_driver_error(&e);
+                }
             }
         }
-        Ok(())
     }
 
     /// A new granule for the small pool of `stream`.
@@ -316,8 +333,7 @@ impl DeviceState {
         let want = |out: &Vec<PageId>| target.is_none_or(|t| out.len() < t);
         self.small.reclaim_idle_runs(None);
         // Learn which streams are done with their freed memory (records and queries; no waiting).
-        self.request_all_fences()?;
-        self.fences.poll(&*drv, dev)?;
+        self.refresh_fences();
         self.merge_settled_neighbours(keep_end);
         let granules: Vec<(DevicePtr, Stream, u64)> = self
             .small
@@ -438,8 +454,7 @@ impl DeviceState {
         let mut result = Ok(());
         if self.backend == Backend::Legacy {
             self.small.reclaim_idle_runs(None);
-            self.request_all_fences()?;
-            self.fences.poll(&*drv, dev)?;
+            self.refresh_fences();
             // A segment whose free blocks belong to several finished streams is wholly free.
             self.merge_settled_neighbours(None);
             let mut free_segments: Vec<DevicePtr> = self

@@ -408,15 +408,22 @@ impl DeviceState {
             return Ok(());
         }
         let drv = Arc::clone(&self.drv);
+        // Per stream, best effort: a stream whose event cannot be had keeps its own frees parked.
+        let mut errors = Vec::new();
         for p in self.pending.values() {
             for &s in &p.streams {
-                self.fences.request(&*drv, self.dev, s, p.seq)?;
+                if let Err(e) = self.fences.request(&*drv, self.dev, s, p.seq) {
+                    errors.push(e);
+                }
             }
+        }
+        for e in &errors {
+            self.c.note_driver_error(e);
         }
         if wait {
             self.fences.wait_all(&*drv, self.dev)?;
-        } else {
-            self.fences.poll(&*drv, self.dev)?;
+        } else if let Err(e) = self.fences.poll(&*drv, self.dev) {
+            self.c.note_driver_error(&e);
         }
         let done: Vec<DevicePtr> = self
             .pending

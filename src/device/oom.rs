@@ -58,6 +58,7 @@ impl DeviceAllocator {
         let possible =
             |st: &DeviceState| rounded <= st.limit_bytes().max(st.reserved()).min(st.capacity);
         let mut refused = None;
+        let driver_errors_before = st.c.driver_errors;
         if possible(&st) {
             // 1. Cached and new pages, stealing fully free ones; no waiting.
             if let Some(p) = attempt(&mut st, rounded, requested, stream, false, &mut refused)? {
@@ -103,6 +104,18 @@ impl DeviceAllocator {
         // 5. Fail, saying why; first give back what the failed attempts gathered, so that a
         //    failed request leaves the cache released (others on the device may need it).
         let mut driver_error = refused.map(|e| e.to_string());
+        if st.c.driver_errors > driver_errors_before {
+            // Fences that could not be had kept freed memory back during this request.
+            let fences = format!(
+                "{} driver error(s) kept freed memory back, the last: {}",
+                st.c.driver_errors - driver_errors_before,
+                st.c.last_driver_error.as_deref().unwrap_or("?")
+            );
+            driver_error = Some(match driver_error {
+                Some(d) => format!("{d}; {fences}"),
+                None => fences,
+            });
+        }
         if possible(&st) {
             if let Err(e) = st.release_cache() {
                 driver_error = Some(match driver_error {
@@ -145,7 +158,7 @@ impl DeviceState {
     /// Waits for streams, settles parked frees, retires idle small runs.
     pub(crate) fn compact(&mut self) -> Result<()> {
         self.settle_pending(true)?;
-        self.request_all_fences()?;
+        self.request_all_fences();
         self.fences
             .wait_all(&*crate::sync::Arc::clone(&self.drv), self.dev)?;
         self.small.reclaim_idle_runs(None);
