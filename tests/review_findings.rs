@@ -103,16 +103,6 @@ fn a_late_settled_small_free_does_not_hide_a_newer_free_of_a_busy_stream() {
     assert_eq!(sim.bytes_in_use(0), 0);
 }
 
-fn sim_with(sim: SimConfig, config: Config) -> (Arc<SimDriver>, Tessera) {
-    let sim = Arc::new(SimDriver::new(sim));
-    let config = Config {
-        check_invariants: true,
-        ..config
-    };
-    let t = Tessera::new(sim.clone(), config).expect("allocator");
-    (sim, t)
-}
-
 /// A large page size makes the smallest class's slot count overflow `u16` (`slots as u16` in
 /// `carve_run`): 2 GiB pages cut into 32 MiB units give 65,536 slots of 512 B, stored as 0.
 #[test]
@@ -375,7 +365,7 @@ fn granule_of(t: &Tessera, p: DevicePtr) -> DevicePtr {
 /// legacy segments, adopted across streams once their work is done.
 #[test]
 fn a_device_without_vmm_falls_back_to_legacy() {
-    let (sim, t) = sim_with(
+    let (sim, t) = sim_alloc_with(
         SimConfig {
             capacity: 16 * MIB,
             vmm: false,

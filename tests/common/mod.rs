@@ -14,10 +14,19 @@ pub const GIB: u64 = 1 << 30;
 /// A simulated device of `capacity` bytes and an allocator over it (invariants checked after
 /// every mutation).
 pub fn sim_alloc(capacity: u64, config: Config) -> (Arc<SimDriver>, Tessera) {
-    let sim = Arc::new(SimDriver::new(SimConfig {
-        capacity,
-        ..SimConfig::default()
-    }));
+    sim_alloc_with(
+        SimConfig {
+            capacity,
+            ..SimConfig::default()
+        },
+        config,
+    )
+}
+
+/// A simulated device as `sim` says and an allocator over it (invariants checked after every
+/// mutation).
+pub fn sim_alloc_with(sim: SimConfig, config: Config) -> (Arc<SimDriver>, Tessera) {
+    let sim = Arc::new(SimDriver::new(sim));
     let config = Config {
         check_invariants: true,
         ..config
