@@ -1,6 +1,6 @@
 //! Statistics and snapshots: what a device holds, copied out under its lock.
 //!
-//! [`Counters`] are plain fields updated under the device lock (no atomics on the hot path);
+//! `Counters` are plain fields updated under the device lock (no atomics on the hot path);
 //! [`Stats`] is the copy a caller gets, with the figures that need a walk over the pools
 //! (cached free, largest free range, stranded) computed at read time. [`Snapshot`] lists every
 //! segment and block, for debugging and for PyTorch's `memory_snapshot()`.

@@ -7,7 +7,7 @@
 //! `cuMemRelease`, `cuMemAddressReserve`, `cuMemAddressFree`, `cuMemMap`, `cuMemUnmap`,
 //! `cuMemSetAccess`, `cuMemGetAllocationGranularity`), events and stream waits. cudarc has no safe
 //! (`result`) wrappers for the VMM calls, so this file calls `sys` directly, in three layers:
-//! raw `sys` call → [`check`] turns the `CUresult` into a [`DriverResult`] → the trait methods add
+//! raw `sys` call → `check` turns the `CUresult` into a [`DriverResult`] → the trait methods add
 //! validation, context handling and bookkeeping.
 //!
 //! # Why it probes libcuda first
