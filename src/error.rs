@@ -110,12 +110,13 @@ impl fmt::Display for OomReport {
         }
         write!(
             f,
-            ". tessera holds {} reserved: {} allocated, {} cached free; largest free range {}, {} stranded in partly used pages.",
+            ". tessera holds {} reserved: {} allocated, {} cached free; largest free range {}, {} stranded in partly used {}.",
             format_bytes(self.reserved),
             format_bytes(self.allocated),
             format_bytes(self.cached_free),
             format_bytes(self.largest_free),
             format_bytes(self.stranded),
+            if self.remapping { "pages" } else { "segments" },
         )?;
         write!(
             f,
