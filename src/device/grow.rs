@@ -55,12 +55,10 @@ impl DeviceState {
         // Parked frees join the pools when their streams are done. A fence that cannot be had
         // here (a stream destroyed after `record_stream`, say) must not fail a request that may
         // not need that memory: the free stays parked, and the error is counted in the stats.
-        if let Err(e) = self.settle_pending(wait) {
-            self.c.note_driver_error(&e);
-        }
         if wait {
-            self.request_all_fences();
-            self.fences.wait_all(&*Arc::clone(&self.drv), self.dev)?;
+            self.wait_for_streams()?;
+        } else if let Err(e) = self.settle_pending(false) {
+            self.c.note_driver_error(&e);
         }
         if let Some(p) = self.try_cached(rounded, requested, stream) {
             return Ok(p);
@@ -123,6 +121,14 @@ impl DeviceState {
             self.c.note_driver_error(&e);
         }
         Ok(self.fences.is_settled(stream, seq))
+    }
+
+    /// Waits for every stream holding freed memory back (free blocks, empty granules, parked
+    /// frees), then moves the parked frees into the pools.
+    pub(crate) fn wait_for_streams(&mut self) -> std::result::Result<(), DriverError> {
+        self.request_all_fences();
+        // Requests the parked frees' fences too, and waits for every outstanding one.
+        self.settle_pending(true)
     }
 
     /// Records fences on every stream with freed memory not yet known to be done, and polls them.

@@ -157,11 +157,12 @@ impl DeviceState {
 
     /// Peaks restart from the current values.
     pub(crate) fn reset_peak_stats(&mut self) {
+        let reserved = self.reserved();
         let c = &mut self.c;
         c.peak_allocated = c.allocated;
         c.peak_requested = c.requested;
         c.peak_active = c.active;
-        c.peak_reserved = self.pages.live_pages() * self.page_size + self.legacy_bytes;
+        c.peak_reserved = reserved;
     }
 
     /// Every segment and block.

@@ -248,27 +248,26 @@ impl DeviceState {
                 device: self.dev,
             }));
         }
-        if self.small.owns(ptr) {
-            if let Some(streams) = recorded {
-                // Validate now; the slot itself is freed when the recorded streams are done.
-                let Some((base, size, req, _)) = self.small.slot_of(ptr).filter(|s| s.0 == ptr)
-                else {
-                    return Err(self.small_free_error(ptr));
-                };
-                debug_assert_eq!(base, ptr);
-                self.seq = seq;
-                self.c.note_free(size, req);
-                self.park(ptr, true, streams, seq);
-                return Ok(size);
-            }
-            return match self.small.free(ptr, seq) {
+        if recorded.is_none() {
+            // The common case: one lookup says whether it is small, and frees it if so.
+            match self.small.free(ptr, seq) {
                 SmallFree::Freed { size, requested } => {
                     self.seq = seq;
                     self.c.note_free(size, requested);
-                    Ok(size)
+                    return Ok(size);
                 }
-                _ => Err(self.small_free_error(ptr)),
+                SmallFree::NotSmall => {}
+                _ => return Err(self.small_free_error(ptr)),
+            }
+        } else if self.small.owns(ptr) {
+            // Validate now; the slot itself is freed when the recorded streams are done.
+            let Some((_, size, req, _)) = self.small.slot_of(ptr).filter(|s| s.0 == ptr) else {
+                return Err(self.small_free_error(ptr));
             };
+            self.seq = seq;
+            self.c.note_free(size, req);
+            self.park(ptr, true, recorded.unwrap_or_default(), seq);
+            return Ok(size);
         }
         match self.large.lookup(ptr) {
             Lookup::Start(b) if b.state == BlockState::Allocated => {
@@ -344,16 +343,12 @@ impl DeviceState {
             // A parked free is not live, whichever pointer into it is asked about.
             return self.small.slot_of(ptr).filter(|s| !self.is_pending(s.0));
         }
-        match self.large.lookup(ptr) {
-            Lookup::Start(b) | Lookup::Interior(_, b) if b.state == BlockState::Allocated => {
-                let base = match self.large.lookup(ptr) {
-                    Lookup::Interior(a, _) => a,
-                    _ => ptr,
-                };
-                Some((base, b.size, b.requested, b.stream))
-            }
-            _ => None,
-        }
+        let (base, b) = match self.large.lookup(ptr) {
+            Lookup::Start(b) => (ptr, b),
+            Lookup::Interior(a, b) => (a, b),
+            Lookup::Outside => return None,
+        };
+        (b.state == BlockState::Allocated).then_some((base, b.size, b.requested, b.stream))
     }
 
     fn is_pending(&self, ptr: DevicePtr) -> bool {
@@ -404,7 +399,7 @@ impl DeviceState {
     /// Moves parked frees whose recorded streams are done into the pools. With `wait`, waits for
     /// them.
     pub(crate) fn settle_pending(&mut self, wait: bool) -> std::result::Result<(), DriverError> {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && !wait {
             return Ok(());
         }
         let drv = Arc::clone(&self.drv);

@@ -157,10 +157,7 @@ fn attempt(
 impl DeviceState {
     /// Waits for streams, settles parked frees, retires idle small runs.
     pub(crate) fn compact(&mut self) -> Result<()> {
-        self.settle_pending(true)?;
-        self.request_all_fences();
-        self.fences
-            .wait_all(&*crate::sync::Arc::clone(&self.drv), self.dev)?;
+        self.wait_for_streams()?;
         self.small.reclaim_idle_runs(None);
         self.checked();
         Ok(())

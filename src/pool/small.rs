@@ -158,7 +158,10 @@ pub(crate) enum SmallFree {
     },
     DoubleFree,
     Interior(DevicePtr),
+    /// Inside a granule, but not an allocated slot's start.
     Unknown,
+    /// In no granule of this pool: not a small allocation at all.
+    NotSmall,
 }
 
 /// One allocated slot, for snapshots.
@@ -403,19 +406,29 @@ impl SmallPool {
         g
     }
 
-    fn locate(&self, ptr: DevicePtr) -> Option<(u32, u32)> {
+    /// The granule holding `ptr`: (base, id).
+    #[inline]
+    fn granule_of(&self, ptr: DevicePtr) -> Option<(DevicePtr, u32)> {
         let (&base, &gid) = self.by_addr.range(..=ptr).next_back()?;
-        if ptr >= base + self.granule_size {
-            return None;
-        }
+        (ptr < base + self.granule_size).then_some((base, gid))
+    }
+
+    /// The run holding `ptr` in granule `gid` at `base`, if any.
+    #[inline]
+    fn run_at(&self, base: DevicePtr, gid: u32, ptr: DevicePtr) -> Option<u32> {
         let g = self.granules[gid as usize].as_ref().expect("live granule");
         let run = g.unit_run[((ptr - base) / self.unit) as usize];
-        (run != NO_RUN).then_some((gid, run))
+        (run != NO_RUN).then_some(run)
+    }
+
+    fn locate(&self, ptr: DevicePtr) -> Option<(u32, u32)> {
+        let (base, gid) = self.granule_of(ptr)?;
+        Some((gid, self.run_at(base, gid, ptr)?))
     }
 
     /// Whether `ptr` lies in a granule of this pool.
     pub(crate) fn owns(&self, ptr: DevicePtr) -> bool {
-        matches!(self.by_addr.range(..=ptr).next_back(), Some((&b, _)) if ptr < b + self.granule_size)
+        self.granule_of(ptr).is_some()
     }
 
     /// The allocated slot starting at `ptr`: (size, requested, stream).
@@ -431,7 +444,10 @@ impl SmallPool {
     /// Frees the slot at `ptr`, at device free sequence `seq`.
     #[inline]
     pub(crate) fn free(&mut self, ptr: DevicePtr, seq: u64) -> SmallFree {
-        let Some((gid, run_id)) = self.locate(ptr) else {
+        let Some((base, gid)) = self.granule_of(ptr) else {
+            return SmallFree::NotSmall;
+        };
+        let Some(run_id) = self.run_at(base, gid, ptr) else {
             return SmallFree::Unknown;
         };
         let run = self.runs[run_id as usize].as_mut().expect("live run");
@@ -679,7 +695,7 @@ mod tests {
             }
         );
         assert_eq!(p.free(a, 2), SmallFree::DoubleFree);
-        assert_eq!(p.free(0x2000_0000, 2), SmallFree::Unknown);
+        assert_eq!(p.free(0x2000_0000, 2), SmallFree::NotSmall);
         assert_eq!(p.alloc(s, cls, 512), Some(a), "freed slot reused first");
         p.free(a, 3);
         p.free(b, 4);
