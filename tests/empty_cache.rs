@@ -71,11 +71,7 @@ const SIZES: [u64; 9] = [
 #[test]
 fn empty_cache_after_freeing_everything_returns_all_memory() {
     for backend in [Backend::Vmm, Backend::Legacy] {
-        let config = Config {
-            backend,
-            ..Config::default()
-        };
-        let (sim, t) = sim_alloc(256 * MIB, config);
+        let (sim, t) = sim_alloc_backend(256 * MIB, backend);
         let mut tr = Tracker::default();
         for round in 0..2 {
             let ptrs: Vec<_> = SIZES
@@ -171,11 +167,7 @@ fn a_page_shared_with_a_live_block_stays() {
 #[test]
 fn live_data_survives_emptying_the_cache_many_times() {
     for backend in [Backend::Vmm, Backend::Legacy] {
-        let config = Config {
-            backend,
-            ..Config::default()
-        };
-        let (sim, t) = sim_alloc(256 * MIB, config);
+        let (sim, t) = sim_alloc_backend(256 * MIB, backend);
         let mut tr = Tracker::default();
         let mut keep = Vec::new();
         for round in 0..4u64 {
@@ -207,11 +199,7 @@ fn live_data_survives_emptying_the_cache_many_times() {
 #[test]
 fn trim_releases_what_is_free_and_done() {
     for backend in [Backend::Vmm, Backend::Legacy] {
-        let config = Config {
-            backend,
-            ..Config::default()
-        };
-        let (sim, t) = sim_alloc(256 * MIB, config);
+        let (sim, t) = sim_alloc_backend(256 * MIB, backend);
         let mut tr = Tracker::default();
         let ptrs: Vec<_> = SIZES
             .iter()
@@ -267,13 +255,7 @@ fn memory_released_is_reused_by_the_device() {
 /// Free blocks of two streams share a page (VMM) or a segment (legacy): once both streams are
 /// done, the page or segment is wholly free and goes back.
 fn free_neighbours_of_two_streams_are_released_together(backend: Backend) {
-    let (sim, t) = sim_alloc(
-        64 * MIB,
-        Config {
-            backend,
-            ..Config::default()
-        },
-    );
+    let (sim, t) = sim_alloc_backend(64 * MIB, backend);
     let mut tr = Tracker::default();
     let seg = alloc(&t, &mut tr, 4 * MIB, S).unwrap();
     free(&t, &mut tr, seg);

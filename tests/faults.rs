@@ -9,7 +9,7 @@ use common::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use tessera::driver::sim::SimDriver;
 use tessera::driver::{Call, CudaError, DevicePtr, Driver, Stream};
-use tessera::{Backend, Config, Error, Tessera};
+use tessera::{Backend, Error, Tessera};
 
 const KIB: u64 = 1 << 10;
 const S0: Stream = Stream::DEFAULT;
@@ -101,13 +101,7 @@ const LEGACY_CALLS: &[Call] = &[
 ];
 
 fn setup(backend: Backend) -> (std::sync::Arc<SimDriver>, Tessera) {
-    let (sim, t) = sim_alloc(
-        CAPACITY,
-        Config {
-            backend,
-            ..Config::default()
-        },
-    );
+    let (sim, t) = sim_alloc_backend(CAPACITY, backend);
     // Set the device up before any fault is armed.
     t.stats(0).unwrap();
     (sim, t)

@@ -216,11 +216,7 @@ fn a_failing_allocation_inside_a_hook_does_not_call_the_hooks_again() {
 #[test]
 fn a_request_larger_than_the_device_fails_at_once_and_calls_each_hook_once() {
     for backend in [Backend::Vmm, Backend::Legacy] {
-        let config = Config {
-            backend,
-            ..Config::default()
-        };
-        let (sim, t) = sim_alloc(64 * MIB, config);
+        let (sim, t) = sim_alloc_backend(64 * MIB, backend);
         let mut tr = Tracker::default();
         // Some live and some cached memory, which the doomed request must not release.
         let keep = alloc(&t, &mut tr, 3 * MIB, S).unwrap();

@@ -9,7 +9,7 @@ use common::*;
 use proptest::prelude::*;
 use proptest::test_runner::FileFailurePersistence;
 use tessera::driver::{Driver, Stream};
-use tessera::{Backend, Config};
+use tessera::Backend;
 
 const CAPACITY: u64 = 128 * MIB;
 
@@ -54,11 +54,7 @@ fn pick(raw: u64, len: usize) -> usize {
 }
 
 fn run(backend: Backend, ops: &[Op]) {
-    let config = Config {
-        backend,
-        ..Config::default()
-    };
-    let (sim, t) = sim_alloc(CAPACITY, config);
+    let (sim, t) = sim_alloc_backend(CAPACITY, backend);
     let mut tr = Tracker::default();
     let mut held: Vec<u64> = Vec::new();
     for (step, op) in ops.iter().enumerate() {

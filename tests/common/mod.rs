@@ -23,6 +23,17 @@ pub fn sim_alloc(capacity: u64, config: Config) -> (Arc<SimDriver>, Tessera) {
     )
 }
 
+/// [`sim_alloc`] with the default configuration on `backend`.
+pub fn sim_alloc_backend(capacity: u64, backend: tessera::Backend) -> (Arc<SimDriver>, Tessera) {
+    sim_alloc(
+        capacity,
+        Config {
+            backend,
+            ..Config::default()
+        },
+    )
+}
+
 /// A simulated device as `sim` says and an allocator over it (invariants checked after every
 /// mutation).
 pub fn sim_alloc_with(sim: SimConfig, config: Config) -> (Arc<SimDriver>, Tessera) {
