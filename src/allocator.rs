@@ -17,6 +17,7 @@ use crate::driver::{DevicePtr, Driver, Stream};
 use crate::error::{Error, Result};
 use crate::stats::{Snapshot, Stats};
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering, RwLock};
+use crate::trace_log::{TraceLog, TRACE_ENV_VAR};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::OnceLock;
@@ -97,6 +98,8 @@ pub struct Tessera {
     init: std::sync::Mutex<()>,
     address_map: Arc<AddressMap>,
     hooks: Arc<Hooks>,
+    /// Where every allocation and free is logged (`TESSERA_TRACE`, [`Tessera::trace_to`]).
+    trace: OnceLock<TraceLog>,
 }
 
 impl fmt::Debug for Tessera {
@@ -111,9 +114,21 @@ impl fmt::Debug for Tessera {
 
 impl Tessera {
     /// An allocator over `driver`. Devices are set up on first use.
+    ///
+    /// When the environment variable `TESSERA_TRACE` names a file (`%p` in it becomes the
+    /// process id), every allocation and free is appended to it in the trace format that
+    /// `tessera replay` reads; a file that cannot be opened is an [`Error::Config`].
     pub fn new(driver: Arc<dyn Driver>, config: Config) -> Result<Self> {
         config.validate()?;
         let count = driver.device_count()?;
+        let trace = OnceLock::new();
+        match TraceLog::from_env() {
+            Ok(Some(log)) => {
+                let _ = trace.set(log);
+            }
+            Ok(None) => {}
+            Err(e) => return Err(Error::Config(format!("{TRACE_ENV_VAR}: cannot open: {e}"))),
+        }
         Ok(Tessera {
             devices: (0..count).map(|_| OnceLock::new()).collect(),
             driver,
@@ -121,7 +136,27 @@ impl Tessera {
             init: std::sync::Mutex::new(()),
             address_map: Arc::new(AddressMap::default()),
             hooks: Arc::new(Hooks::default()),
+            trace,
         })
+    }
+
+    /// Appends every later allocation and free to `path` in the trace format `tessera replay`
+    /// reads (what `TESSERA_TRACE` does from the start). Allocations made before are not in the
+    /// trace, and neither are their frees. Fails when the file cannot be opened or a trace is
+    /// already being written.
+    pub fn trace_to(&self, path: &std::path::Path) -> Result<()> {
+        let log = TraceLog::open(path)
+            .map_err(|e| Error::Config(format!("trace {}: cannot open: {e}", path.display())))?;
+        self.trace
+            .set(log)
+            .map_err(|_| Error::Config("a trace is already being written".into()))
+    }
+
+    /// Writes the buffered trace lines to the trace file, if tracing.
+    pub fn flush_trace(&self) {
+        if let Some(t) = self.trace.get() {
+            t.flush();
+        }
     }
 
     /// The driver underneath.
@@ -165,14 +200,22 @@ impl Tessera {
     /// Allocates `size` bytes on `device` for use on `stream`.
     #[inline]
     pub fn allocate(&self, device: usize, size: u64, stream: Stream) -> Result<DevicePtr> {
-        self.device(device)?.allocate(size, stream)
+        let ptr = self.device(device)?.allocate(size, stream)?;
+        if let Some(t) = self.trace.get() {
+            t.alloc(device, ptr, size, stream);
+        }
+        Ok(ptr)
     }
 
     /// Frees an allocation of `device`. An unknown pointer or a double free is an error and
     /// changes nothing.
     #[inline]
     pub fn free(&self, device: usize, ptr: DevicePtr) -> Result<()> {
-        self.device(device)?.free(ptr).map(|_| ())
+        self.device(device)?.free(ptr)?;
+        if let Some(t) = self.trace.get() {
+            t.free(device, ptr);
+        }
+        Ok(())
     }
 
     /// Frees an allocation whose device the caller does not know.

@@ -18,14 +18,19 @@ pub mod driver;
 pub mod error;
 mod pages;
 mod pool;
+// The replay is single-threaded tooling over the simulated device, outside loom's models.
+#[cfg(not(loom))]
+pub mod replay;
 pub mod stats;
 pub(crate) mod sync;
+mod trace_log;
 
 pub(crate) use allocator::{AddressMap, Hooks};
 pub use allocator::{Allocation, HookId, OomHook, Tessera};
 pub use config::{Backend, Config};
 pub use error::{Error, OomReport, Result};
 pub use stats::{BlockInfo, BlockStateInfo, SegmentInfo, SegmentKind, Snapshot, Stats};
+pub use trace_log::TRACE_ENV_VAR;
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -102,6 +102,8 @@ struct Legacy {
 struct Device {
     physical: u64,
     legacy_bytes: u64,
+    /// The most `in_use()` has been since the last `reset_peak_bytes_in_use`.
+    peak: u64,
     external: u64,
     reservations: BTreeMap<u64, u64>,
     mappings: BTreeMap<u64, Mapping>,
@@ -134,6 +136,7 @@ impl Device {
         Device {
             physical: 0,
             legacy_bytes: 0,
+            peak: 0,
             external: 0,
             reservations: BTreeMap::new(),
             mappings: BTreeMap::new(),
@@ -150,6 +153,11 @@ impl Device {
 
     fn in_use(&self) -> u64 {
         self.physical.saturating_add(self.legacy_bytes)
+    }
+
+    /// Called after every increase of `in_use()`.
+    fn note_peak(&mut self) {
+        self.peak = self.peak.max(self.in_use());
     }
 
     /// `Err(detail)` when `size` more bytes would exceed the capacity.
@@ -353,6 +361,18 @@ impl SimDriver {
         self.with_device(device, |d| d.external = bytes);
     }
 
+    /// The most physical memory (VMM and legacy, not external usage) the device has held since it
+    /// was created or since the last [`SimDriver::reset_peak_bytes_in_use`]; 0 for a bad device.
+    /// The replay reads its peaks here, exact without a query after every allocation.
+    pub fn peak_bytes_in_use(&self, device: usize) -> u64 {
+        self.with_device(device, |d| d.peak).unwrap_or(0)
+    }
+
+    /// Starts a new peak window: the peak becomes the bytes in use now. Ignored for a bad device.
+    pub fn reset_peak_bytes_in_use(&self, device: usize) {
+        self.with_device(device, |d| d.peak = d.in_use());
+    }
+
     /// The `n`-th call of kind `call` from now on (1-based; 0 is taken as 1) fails, once, with the
     /// default error for the call (`OUT_OF_MEMORY` for allocating calls, else `UNKNOWN`).
     pub fn fail_nth(&self, call: Call, n: u64) {
@@ -547,6 +567,7 @@ impl Driver for SimDriver {
         };
         d.legacy.insert(ptr.0, Legacy { size, len: ptr.1 });
         d.legacy_bytes += size;
+        d.note_peak();
         Ok(ptr.0)
     }
 
@@ -675,6 +696,7 @@ impl Driver for SimDriver {
             },
         );
         d.physical += size;
+        d.note_peak();
         st.last_id = id;
         Ok(PhysHandle(id))
     }

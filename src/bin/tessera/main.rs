@@ -1,0 +1,262 @@
+//! The `tessera` command.
+//!
+//! - `tessera replay TRACE...`: replays allocation traces through tessera and through PyTorch's
+//!   allocator rules on a simulated device and prints them side by side (`--json`, `--plot`,
+//!   `--min-capacity`).
+//! - `tessera info`: what the driver sees.
+//!
+//! Exit status: 0 when every trace replayed; 1 when a trace was missing, unreadable or malformed,
+//! or a replay failed (the other traces still run); 2 for bad arguments.
+
+mod plot;
+mod progress;
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use tessera::bytes::{format_bytes, parse_bytes};
+use tessera::driver::cuda::CudaDriver;
+use tessera::driver::sim::{SimConfig, SimDriver};
+use tessera::driver::Driver;
+use tessera::replay::{self, trace, Policy, ReplayOptions};
+use tessera::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "tessera",
+    version,
+    about = "A CUDA caching allocator with a page-remapping defragmentation core"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Replay allocation traces on a simulated device, every policy side by side.
+    Replay(ReplayArgs),
+    /// Show what the driver sees: devices, granularity, VMM support, memory.
+    Info(InfoArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// Trace files: tessera CSV (`a,ID,SIZE,STREAM` / `f,ID`), gzip'd or not, or PyTorch memory
+    /// snapshots (`torch.cuda.memory._dump_snapshot`).
+    #[arg(required = true, value_name = "TRACE")]
+    traces: Vec<PathBuf>,
+    /// Memory of the simulated device.
+    #[arg(long, default_value = "80GiB", value_parser = parse_size)]
+    capacity: u64,
+    /// Allocation granularity of the simulated device.
+    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+    granularity: u64,
+    /// Policies to compare, comma-separated: tessera, legacy, native, expandable.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "tessera,legacy,native,expandable"
+    )]
+    policy: Vec<Policy>,
+    /// Device whose events a PyTorch snapshot replays.
+    #[arg(long, default_value_t = 0)]
+    device: usize,
+    /// Back the device with host memory and write and check a pattern in every allocation.
+    #[arg(long)]
+    verify: bool,
+    /// Also find the smallest capacity (to 2 MiB) that replays with no OOM.
+    #[arg(long)]
+    min_capacity: bool,
+    /// Print one JSON object per line per (trace, policy) instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Draw reserved and live bytes over each trace for every policy into this SVG file.
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
+    /// Settings for the tessera and legacy policies, in `TESSERA_CONF` syntax (its backend is
+    /// set by the policy).
+    #[arg(long, value_name = "CONF", default_value = "")]
+    conf: String,
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// `cuda` (the real driver) or `sim` (a simulated device).
+    #[arg(long, default_value = "cuda")]
+    driver: String,
+    /// The simulated device, as in `TESSERA_SIM` (`devices:2,capacity:8GiB,granularity:2MiB`).
+    #[arg(long, default_value = "")]
+    sim: String,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    match parse_bytes(s)? {
+        0 => Err("expected a size of at least 1 byte".into()),
+        n => Ok(n),
+    }
+}
+
+fn main() -> ExitCode {
+    // `tessera replay ... | head` ends quietly, as command-line tools do, instead of panicking on
+    // a closed stdout.
+    // SAFETY: setting a signal's disposition to the default before any thread is started.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Replay(args) => replay_command(args),
+        Command::Info(args) => info_command(args),
+    }
+}
+
+fn replay_command(args: ReplayArgs) -> ExitCode {
+    let mut config = match Config::parse(&args.conf) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tessera: --conf: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !args.conf.contains("check_invariants") {
+        config.check_invariants = false;
+    }
+    let mut policies = args.policy.clone();
+    policies.dedup();
+    let opts = ReplayOptions {
+        capacity: args.capacity,
+        granularity: args.granularity,
+        verify: args.verify,
+        samples: if args.plot.is_some() { 1000 } else { 0 },
+        config,
+        stop_at_first_oom: false,
+    };
+    let mut failed = false;
+    let mut rows = Vec::new();
+    let mut plotted = Vec::new();
+    for path in &args.traces {
+        let trace = match trace::load(path, args.device) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("tessera: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        report_problems(&trace);
+        let mut bar = progress::Progress::new(&trace.name, trace.events.len(), policies.len());
+        match replay::run(&trace, &policies, &opts, args.min_capacity, &mut |p, n| {
+            bar.update(p, n)
+        }) {
+            Ok(report) => {
+                bar.finish();
+                for row in &report.rows {
+                    if args.json {
+                        println!("{}", row.to_json());
+                    }
+                }
+                rows.extend(report.rows.iter().cloned());
+                if args.plot.is_some() {
+                    plotted.push((trace.name.clone(), report));
+                }
+            }
+            Err(e) => {
+                bar.finish();
+                eprintln!("tessera: {}: {e}", trace.name);
+                failed = true;
+            }
+        }
+    }
+    if !args.json && !rows.is_empty() {
+        print!("{}", replay::report::render_table(&rows));
+    }
+    // The table goes before any later message on stderr.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    if let (Some(file), false) = (&args.plot, plotted.is_empty()) {
+        match plot::draw(file, &plotted) {
+            Ok(()) => eprintln!("tessera: plot written to {}", file.display()),
+            Err(e) => {
+                eprintln!("tessera: --plot {}: {e}", file.display());
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Unreplayable events (frees of unknown ids, ...): the first few on stderr, then a count.
+fn report_problems(trace: &trace::Trace) {
+    const SHOWN: usize = 5;
+    for p in trace.problems.iter().take(SHOWN) {
+        eprintln!(
+            "tessera: {}:{}: {} (dropped)",
+            trace.name, p.line, p.message
+        );
+    }
+    if trace.problems.len() > SHOWN {
+        eprintln!(
+            "tessera: {}: {} events dropped in all",
+            trace.name,
+            trace.problems.len()
+        );
+    }
+}
+
+fn info_command(args: InfoArgs) -> ExitCode {
+    let drv: Arc<dyn Driver> = match args.driver.as_str() {
+        "sim" => match SimConfig::parse(&args.sim) {
+            Ok(c) => Arc::new(SimDriver::new(c)),
+            Err(e) => {
+                eprintln!("tessera: --sim: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        "cuda" => match CudaDriver::open() {
+            Ok(d) => Arc::new(d),
+            Err(e) => {
+                println!("no GPU: {e}");
+                println!("(`tessera replay` runs on a simulated device and needs none)");
+                return ExitCode::SUCCESS;
+            }
+        },
+        other => {
+            eprintln!("tessera: --driver {other:?}: expected cuda or sim");
+            return ExitCode::from(2);
+        }
+    };
+    let n = match drv.device_count() {
+        Ok(n) => n,
+        Err(e) => {
+            println!("no GPU: {e}");
+            return ExitCode::SUCCESS;
+        }
+    };
+    println!(
+        "driver: {} ({n} device{})",
+        drv.name(),
+        if n == 1 { "" } else { "s" }
+    );
+    for dev in 0..n {
+        let vmm = match drv.supports_vmm(dev) {
+            Ok(true) => "yes".to_string(),
+            Ok(false) => "no (legacy backend)".to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        let gran = drv
+            .granularity(dev)
+            .map(format_bytes)
+            .unwrap_or_else(|e| format!("unknown ({e})"));
+        let mem = match drv.mem_info(dev) {
+            Ok(m) => format!("{} free of {}", format_bytes(m.free), format_bytes(m.total)),
+            Err(e) => format!("unknown ({e})"),
+        };
+        println!("device {dev}: memory {mem}, granularity {gran}, virtual memory API {vmm}");
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,526 @@
+//! The replay engine: one trace through one policy on a fresh simulated device.
+//!
+//! # Data structure
+//! A replay owns a [`SimDriver`] (one device of the requested capacity, bookkeeping backing unless
+//! memory is verified) and one allocator built by [`Policy`] over it. The trace's slots map to
+//! the pointers they hold (`0`: the allocation failed with an OOM, so its free is skipped). Live
+//! bytes are the requested sizes of the allocations that succeeded.
+//!
+//! Reserved bytes are what the simulated driver holds (VMM pages and `cuMemAlloc` segments): the
+//! same measure for every policy, read from the driver's exact peak
+//! ([`SimDriver::peak_bytes_in_use`]), so no allocation is missed between samples. The time series
+//! for plots keeps, per window of events, the peak reserved and peak live bytes of the window.
+//!
+//! # Invariants
+//! After a replay the live bytes equal the sum of the sizes of the slots holding pointers, and with
+//! `verify` every live allocation still holds the pattern written into it when it was made.
+//!
+//! # Locking
+//! None: a replay is single-threaded and owns its device.
+
+use crate::config::{Backend, Config};
+use crate::driver::sim::{Backing, SimConfig, SimDriver};
+use crate::driver::{Call, DevicePtr, Driver, Stream};
+use crate::error::Error;
+use crate::replay::pytorch::{PytorchAllocator, Rules};
+use crate::replay::trace::{Op, Trace};
+use crate::sync::Arc;
+use crate::Tessera;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Instant;
+
+/// The granularity bisection for the smallest capacity works to.
+pub const MIN_CAPACITY_STEP: u64 = 2 << 20;
+
+/// How often the progress callback is called, in events.
+const PROGRESS_EVERY: usize = 1 << 16;
+
+/// An allocation policy the replay compares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Policy {
+    /// tessera with its defaults: VMM pages, size classes, remapping of fully free pages.
+    Tessera,
+    /// tessera over `cuMemAlloc` segments: the same pools, no remapping.
+    Legacy,
+    /// PyTorch's CUDACachingAllocator default rules (`expandable_segments:False`).
+    Native,
+    /// PyTorch's `expandable_segments:True` rules.
+    Expandable,
+}
+
+impl Policy {
+    /// Every policy, in report order.
+    pub const ALL: [Policy; 4] = [
+        Policy::Tessera,
+        Policy::Legacy,
+        Policy::Native,
+        Policy::Expandable,
+    ];
+
+    /// The name the command line and the reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::Tessera => "tessera",
+            Policy::Legacy => "legacy",
+            Policy::Native => "native",
+            Policy::Expandable => "expandable",
+        }
+    }
+}
+
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Policy {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Policy, String> {
+        Policy::ALL
+            .into_iter()
+            .find(|p| p.name() == s.trim())
+            .ok_or_else(|| {
+                format!("unknown policy {s:?}: expected tessera, legacy, native or expandable")
+            })
+    }
+}
+
+/// How to replay.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// Memory of the simulated device (default 80 GiB).
+    pub capacity: u64,
+    /// Its allocation granularity (default 2 MiB).
+    pub granularity: u64,
+    /// Back the device with host memory and write and check a pattern in every allocation.
+    pub verify: bool,
+    /// Points wanted in the time series (0: none).
+    pub samples: usize,
+    /// The configuration of the `tessera` and `legacy` policies (their backend is set by the
+    /// policy).
+    pub config: Config,
+    /// Stop at the first OOM (used by the capacity bisection).
+    pub stop_at_first_oom: bool,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions {
+            capacity: 80 << 30,
+            granularity: 2 << 20,
+            verify: false,
+            samples: 0,
+            config: Config {
+                check_invariants: false,
+                ..Config::default()
+            },
+            stop_at_first_oom: false,
+        }
+    }
+}
+
+/// One point of a replay's time series: the peaks over the window of events ending at `event`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sample {
+    pub event: usize,
+    pub reserved: u64,
+    pub live: u64,
+}
+
+/// What one replay measured.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub policy: Policy,
+    /// Events replayed (an OOM'd allocation and its skipped free count as replayed).
+    pub events: u64,
+    pub peak_live_bytes: u64,
+    pub peak_reserved_bytes: u64,
+    /// Allocations that failed with an OOM.
+    pub ooms: u64,
+    /// Indices of the events whose allocation failed with an OOM.
+    pub oom_events: Vec<usize>,
+    /// Pages remapped into new places (tessera); 0 for the other policies.
+    pub remaps: u64,
+    /// Driver calls made during the replay, by kind (kinds never called left out).
+    pub driver_calls: Vec<(Call, u64)>,
+    pub seconds: f64,
+    pub samples: Vec<Sample>,
+}
+
+impl Outcome {
+    /// (peak reserved − peak live) / peak live, in percent; 0 for an empty trace.
+    pub fn overhead_pct(&self) -> f64 {
+        overhead_pct(self.peak_reserved_bytes, self.peak_live_bytes)
+    }
+
+    pub fn events_per_s(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.events as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+
+    pub fn driver_call_total(&self) -> u64 {
+        self.driver_calls.iter().map(|&(_, n)| n).sum()
+    }
+}
+
+/// (reserved − live) / live, in percent; 0 when nothing was live.
+pub fn overhead_pct(reserved: u64, live: u64) -> f64 {
+    if live == 0 {
+        0.0
+    } else {
+        (reserved as f64 - live as f64) / live as f64 * 100.0
+    }
+}
+
+/// Why a replay could not finish.
+#[derive(Debug)]
+pub enum ReplayError {
+    /// The allocator failed in a way other than an OOM (bad configuration, a driver error).
+    Allocator { line: u64, error: Error },
+    /// `--verify`: an allocation lost its contents.
+    Corrupted { line: u64, detail: String },
+}
+
+impl fmt::Display for ReplayError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReplayError::Allocator { line, error } => write!(f, "event at line {line}: {error}"),
+            ReplayError::Corrupted { line, detail } => {
+                write!(f, "event at line {line}: memory corrupted: {detail}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ReplayError {}
+
+/// The allocator under test.
+enum Runner {
+    Tessera(Tessera),
+    Pytorch(PytorchAllocator),
+}
+
+impl Runner {
+    fn new(policy: Policy, drv: Arc<SimDriver>, config: &Config) -> Result<Runner, Error> {
+        let tessera = |backend| {
+            let config = Config {
+                backend,
+                ..config.clone()
+            };
+            Tessera::new(drv.clone(), config).map(Runner::Tessera)
+        };
+        let pytorch = |rules| {
+            let mut p = PytorchAllocator::new(drv.clone(), 0, rules)?;
+            p.set_check(config.check_invariants);
+            Ok(Runner::Pytorch(p))
+        };
+        match policy {
+            Policy::Tessera => tessera(Backend::Vmm),
+            Policy::Legacy => tessera(Backend::Legacy),
+            Policy::Native => pytorch(Rules::Native),
+            Policy::Expandable => pytorch(Rules::Expandable),
+        }
+    }
+
+    #[inline]
+    fn allocate(&mut self, size: u64, stream: Stream) -> Result<DevicePtr, Error> {
+        match self {
+            Runner::Tessera(t) => t.allocate(0, size, stream),
+            Runner::Pytorch(p) => p.allocate(size, stream),
+        }
+    }
+
+    #[inline]
+    fn free(&mut self, ptr: DevicePtr) -> Result<(), Error> {
+        match self {
+            Runner::Tessera(t) => t.free(0, ptr),
+            Runner::Pytorch(p) => p.free(ptr),
+        }
+    }
+
+    /// Bytes the allocator believes it holds from the driver.
+    fn reserved(&self) -> u64 {
+        match self {
+            Runner::Tessera(t) => t.stats(0).map(|s| s.reserved_bytes).unwrap_or(0),
+            Runner::Pytorch(p) => p.reserved_bytes(),
+        }
+    }
+
+    fn remaps(&self) -> u64 {
+        match self {
+            Runner::Tessera(t) => t.stats(0).map(|s| s.remaps).unwrap_or(0),
+            Runner::Pytorch(_) => 0,
+        }
+    }
+}
+
+/// Replays `trace` through `policy` on a fresh simulated device. `progress` is called now and then
+/// with the number of events done.
+pub fn replay(
+    trace: &Trace,
+    policy: Policy,
+    opts: &ReplayOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Outcome, ReplayError> {
+    let drv = Arc::new(SimDriver::new(SimConfig {
+        devices: 1,
+        capacity: opts.capacity,
+        granularity: opts.granularity,
+        vmm: true,
+        backing: if opts.verify {
+            Backing::Real
+        } else {
+            Backing::Bookkeeping
+        },
+    }));
+    let mut runner = Runner::new(policy, drv.clone(), &opts.config)
+        .map_err(|error| ReplayError::Allocator { line: 0, error })?;
+    let streams: Vec<Stream> = trace.streams.iter().map(|&s| Stream(s)).collect();
+    let mut ptrs: Vec<DevicePtr> = vec![0; trace.slots as usize];
+    let mut sizes: Vec<u64> = vec![0; trace.slots as usize];
+    let stride = match opts.samples {
+        0 => usize::MAX,
+        n => trace.events.len().div_ceil(n).max(1),
+    };
+    let mut out = Outcome {
+        policy,
+        events: 0,
+        peak_live_bytes: 0,
+        peak_reserved_bytes: 0,
+        ooms: 0,
+        oom_events: Vec::new(),
+        remaps: 0,
+        driver_calls: Vec::new(),
+        seconds: 0.0,
+        samples: Vec::new(),
+    };
+    drv.reset_counters();
+    drv.reset_peak_bytes_in_use(0);
+    let (mut live, mut window_live) = (0u64, 0u64);
+    let start = Instant::now();
+
+    for (i, ev) in trace.events.iter().enumerate() {
+        match ev.op {
+            Op::Alloc { slot, size, stream } => {
+                match runner.allocate(size, streams[stream as usize]) {
+                    Ok(ptr) => {
+                        ptrs[slot as usize] = ptr;
+                        sizes[slot as usize] = size;
+                        live += size;
+                        window_live = window_live.max(live);
+                        if opts.verify {
+                            // SAFETY: with real backing, `ptr` is host memory the simulated driver
+                            // mapped read-write, and the allocation holds `size` bytes.
+                            unsafe { pattern::write(ptr, size, slot) };
+                        }
+                    }
+                    Err(Error::OutOfMemory(_)) => {
+                        ptrs[slot as usize] = 0;
+                        out.ooms += 1;
+                        out.oom_events.push(i);
+                        if opts.stop_at_first_oom {
+                            out.events = i as u64 + 1;
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        return Err(ReplayError::Allocator {
+                            line: ev.line,
+                            error,
+                        })
+                    }
+                }
+            }
+            Op::Free { slot } => {
+                let ptr = std::mem::take(&mut ptrs[slot as usize]);
+                if ptr != 0 {
+                    let size = sizes[slot as usize];
+                    if opts.verify {
+                        // SAFETY: as at the allocation: the block is still live until freed below.
+                        if let Err(detail) = unsafe { pattern::check(ptr, size, slot) } {
+                            return Err(ReplayError::Corrupted {
+                                line: ev.line,
+                                detail,
+                            });
+                        }
+                    }
+                    runner.free(ptr).map_err(|error| ReplayError::Allocator {
+                        line: ev.line,
+                        error,
+                    })?;
+                    live -= size;
+                }
+            }
+        }
+        if (i + 1) % stride == 0 {
+            sample(&drv, &mut out, i + 1, &mut window_live, live);
+        }
+        if (i + 1) % PROGRESS_EVERY == 0 {
+            progress(i + 1);
+        }
+    }
+    out.seconds = start.elapsed().as_secs_f64();
+    if out.events == 0 {
+        out.events = trace.events.len() as u64;
+    }
+    if opts.samples > 0 && out.samples.last().map(|s| s.event) != Some(out.events as usize) {
+        let end = out.events as usize;
+        sample(&drv, &mut out, end, &mut window_live, live);
+    }
+    out.peak_reserved_bytes = out.peak_reserved_bytes.max(drv.peak_bytes_in_use(0));
+    out.peak_live_bytes = out.peak_live_bytes.max(window_live);
+    out.driver_calls = drv
+        .call_counts()
+        .into_iter()
+        .filter(|&(_, n)| n > 0)
+        .collect();
+    out.remaps = runner.remaps();
+    // The figures come from the driver; the allocator must agree with it.
+    let (mine, driver) = (runner.reserved(), drv.bytes_in_use(0));
+    if mine != driver {
+        return Err(ReplayError::Corrupted {
+            line: 0,
+            detail: format!("{policy} says it reserved {mine} B, the driver holds {driver} B"),
+        });
+    }
+    if opts.verify {
+        for (slot, (&ptr, &size)) in ptrs.iter().zip(&sizes).enumerate() {
+            if ptr != 0 {
+                // SAFETY: every nonzero slot holds a live allocation of `size` bytes.
+                unsafe { pattern::check(ptr, size, slot as u32) }
+                    .map_err(|detail| ReplayError::Corrupted { line: 0, detail })?;
+            }
+        }
+    }
+    progress(trace.events.len());
+    Ok(out)
+}
+
+/// Closes a window of the time series.
+fn sample(drv: &SimDriver, out: &mut Outcome, event: usize, window_live: &mut u64, live: u64) {
+    let reserved = drv.peak_bytes_in_use(0);
+    drv.reset_peak_bytes_in_use(0);
+    out.peak_reserved_bytes = out.peak_reserved_bytes.max(reserved);
+    out.peak_live_bytes = out.peak_live_bytes.max(*window_live);
+    out.samples.push(Sample {
+        event,
+        reserved,
+        live: *window_live,
+    });
+    *window_live = live;
+}
+
+/// The smallest capacity, a multiple of [`MIN_CAPACITY_STEP`], at which `trace` replays through
+/// `policy` with no OOM, by bisection (which assumes that more memory never adds an OOM), or
+/// `None` when even 1 PiB is not enough. `peak_live` (the trace's peak live bytes) bounds the
+/// search from below: less than that always fails.
+pub fn min_capacity(
+    trace: &Trace,
+    policy: Policy,
+    opts: &ReplayOptions,
+    peak_live: u64,
+) -> Result<Option<u64>, ReplayError> {
+    const MAX: u64 = 1 << 50;
+    let fits = |capacity: u64| -> Result<bool, ReplayError> {
+        let opts = ReplayOptions {
+            capacity,
+            verify: false,
+            samples: 0,
+            stop_at_first_oom: true,
+            ..opts.clone()
+        };
+        Ok(replay(trace, policy, &opts, &mut |_| {})?.ooms == 0)
+    };
+    let step = MIN_CAPACITY_STEP;
+    // In steps: `lo` is known to fail (or is 0), `hi` to fit.
+    let mut lo = peak_live.saturating_sub(1) / step;
+    let mut hi = opts.capacity.div_ceil(step).max(lo + 1);
+    while !fits(hi * step)? {
+        if hi * step >= MAX {
+            return Ok(None);
+        }
+        lo = hi;
+        hi = (hi * 2).min(MAX / step);
+    }
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if fits(mid * step)? {
+            hi = mid;
+        } else {
+            lo = mid;
+        }
+    }
+    Ok(Some(hi * step))
+}
+
+/// The largest number of bytes live at once when every allocation of `trace` succeeds.
+pub fn trace_peak_live(trace: &Trace) -> u64 {
+    let mut sizes = vec![0u64; trace.slots as usize];
+    let (mut live, mut peak) = (0u64, 0u64);
+    for ev in &trace.events {
+        match ev.op {
+            Op::Alloc { slot, size, .. } => {
+                sizes[slot as usize] = size;
+                live += size;
+                peak = peak.max(live);
+            }
+            Op::Free { slot } => live -= sizes[slot as usize],
+        }
+    }
+    peak
+}
+
+/// `--verify`: a pattern in the first and last bytes of every allocation (up to 4 KiB each way:
+/// enough to catch a block handed out twice or a page mapped in the wrong place, without writing
+/// gigabytes).
+mod pattern {
+    use crate::driver::DevicePtr;
+
+    const SPAN: u64 = 4096;
+
+    fn byte(slot: u32, i: u64) -> u8 {
+        (u64::from(slot)
+            .wrapping_mul(0x9E37_79B9)
+            .wrapping_add(i.wrapping_mul(31))
+            >> 3) as u8
+    }
+
+    /// The offsets patterned in an allocation of `size` bytes.
+    fn offsets(size: u64) -> impl Iterator<Item = u64> {
+        let head = size.min(SPAN);
+        let tail_start = size.saturating_sub(SPAN).max(head);
+        (0..head).chain(tail_start..size)
+    }
+
+    /// # Safety
+    /// `[ptr, ptr + size)` must be host memory that is mapped read-write and not used by anything
+    /// else.
+    pub(super) unsafe fn write(ptr: DevicePtr, size: u64, slot: u32) {
+        for i in offsets(size) {
+            // SAFETY: `i < size`, inside the region the caller vouches for.
+            unsafe { *((ptr + i) as *mut u8) = byte(slot, i) };
+        }
+    }
+
+    /// # Safety
+    /// As [`write`].
+    pub(super) unsafe fn check(ptr: DevicePtr, size: u64, slot: u32) -> Result<(), String> {
+        for i in offsets(size) {
+            // SAFETY: `i < size`, inside the region the caller vouches for.
+            let got = unsafe { *((ptr + i) as *const u8) };
+            if got != byte(slot, i) {
+                return Err(format!(
+                    "allocation at {ptr:#x} ({size} B): byte {i} is {got:#04x}, expected {:#04x}",
+                    byte(slot, i)
+                ));
+            }
+        }
+        Ok(())
+    }
+}

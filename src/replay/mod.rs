@@ -1,0 +1,96 @@
+//! Trace replay: allocation traces run through tessera and through allocators that follow
+//! PyTorch's rules, each on its own simulated device, and compared.
+//!
+//! # Layers
+//! - [`trace`]: the trace formats (tessera CSV, gzip'd or not; PyTorch memory snapshots) read into
+//!   one validated [`trace::Trace`].
+//! - [`engine`]: one trace through one [`Policy`] on a fresh simulated device: peaks, OOMs,
+//!   remaps, driver calls, time, a time series; the smallest capacity with no OOM.
+//! - `pytorch`: the `native` and `expandable` policies, PyTorch's allocator rules over the same
+//!   driver (see `docs/policies.md`).
+//! - [`report`]: rows, the side-by-side table and JSON lines.
+//!
+//! [`run`] ties them together for one trace; the `tessera replay` command calls it per trace.
+//!
+//! # Locking
+//! None: every replay owns its allocator and device.
+
+pub mod engine;
+pub(crate) mod pytorch;
+pub mod report;
+pub mod trace;
+
+pub use engine::{Outcome, Policy, ReplayError, ReplayOptions, Sample};
+pub use report::Row;
+
+use engine::{min_capacity, replay, trace_peak_live};
+use trace::Trace;
+
+/// Everything measured on one trace.
+#[derive(Clone, Debug)]
+pub struct TraceReport {
+    /// One row per policy, in the order asked, then `recorded` when the trace has it.
+    pub rows: Vec<Row>,
+    /// The replays behind the policy rows, in the same order (for plots).
+    pub outcomes: Vec<Outcome>,
+    /// The recorded reserved bytes as a time series, when the trace has them.
+    pub recorded: Vec<Sample>,
+}
+
+/// Replays `trace` through every policy in `policies`; with `find_min_capacity`, also bisects the
+/// smallest capacity each needs. `progress(policy, events done)` is called now and then.
+pub fn run(
+    trace: &Trace,
+    policies: &[Policy],
+    opts: &ReplayOptions,
+    find_min_capacity: bool,
+    progress: &mut dyn FnMut(Policy, usize),
+) -> Result<TraceReport, ReplayError> {
+    let dropped = trace.problems.len() as u64;
+    let peak_live = trace_peak_live(trace);
+    let mut report = TraceReport {
+        rows: Vec::new(),
+        outcomes: Vec::new(),
+        recorded: recorded_series(trace),
+    };
+    let recorded_peak = report.recorded.iter().map(|s| s.reserved).max();
+    for &policy in policies {
+        let outcome = replay(trace, policy, opts, &mut |n| progress(policy, n))?;
+        let mut row = Row::from_outcome(&trace.name, opts.capacity, dropped, &outcome);
+        if find_min_capacity {
+            row.set_min_capacity(min_capacity(trace, policy, opts, peak_live)?);
+        }
+        if let Some(rec) = recorded_peak.filter(|&r| r > 0) {
+            row.vs_recorded_pct = Some(
+                ((outcome.peak_reserved_bytes as f64 - rec as f64) / rec as f64 * 1000.0).round()
+                    / 10.0,
+            );
+        }
+        report.rows.push(row);
+        report.outcomes.push(outcome);
+    }
+    if let Some(rec) = recorded_peak {
+        report.rows.push(Row::recorded(
+            &trace.name,
+            opts.capacity,
+            dropped,
+            trace.events.len() as u64,
+            peak_live,
+            rec,
+        ));
+    }
+    Ok(report)
+}
+
+/// The trace's recorded reserved bytes as samples (live bytes left 0: the row carries them).
+fn recorded_series(trace: &Trace) -> Vec<Sample> {
+    trace
+        .recorded
+        .iter()
+        .map(|p| Sample {
+            event: p.event,
+            reserved: p.reserved,
+            live: 0,
+        })
+        .collect()
+}

@@ -1,0 +1,145 @@
+//! `TESSERA_TRACE`: every allocation and free the allocator serves, appended to a file in the
+//! tessera CSV trace format, so that any run under tessera (PyTorch through the C ABI included)
+//! yields a trace that `tessera replay` can replay.
+//!
+//! # Data structure
+//! A [`TraceLog`] holds a buffered file and the ids of the live allocations, keyed by
+//! (device, pointer). Ids are small integers, the lowest free one reused first (unique among live
+//! allocations, as the format asks, and compact). Lines: `a,<id>,<size>,<stream>` and `f,<id>`; a
+//! new file starts with a `# {json}` metadata line. Events of every device go to the one file.
+//!
+//! # Invariants
+//! `live` and `free_ids` partition `1..next_id`: every id below `next_id` is live or free, never
+//! both.
+//!
+//! # Locking
+//! One mutex around the file and the ids, taken after the device lock is released (the log is
+//! written once an operation has succeeded), so it never nests inside a device lock. A write
+//! error is reported once on stderr and tracing stops; the allocator goes on.
+
+use crate::driver::{DevicePtr, Stream};
+use crate::sync::Mutex;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+/// The environment variable naming the trace file; `%p` in it becomes the process id.
+pub const TRACE_ENV_VAR: &str = "TESSERA_TRACE";
+
+#[derive(Debug)]
+struct Inner {
+    out: Option<BufWriter<File>>,
+    path: PathBuf,
+    live: HashMap<(usize, DevicePtr), u64>,
+    free_ids: BinaryHeap<Reverse<u64>>,
+    next_id: u64,
+}
+
+/// An open trace file.
+#[derive(Debug)]
+pub(crate) struct TraceLog {
+    inner: Mutex<Inner>,
+}
+
+impl TraceLog {
+    /// The file `TESSERA_TRACE` names, opened for appending, or `None` when it is unset or empty.
+    pub(crate) fn from_env() -> std::io::Result<Option<TraceLog>> {
+        match std::env::var_os(TRACE_ENV_VAR) {
+            Some(p) if !p.is_empty() => {
+                let p = p
+                    .to_string_lossy()
+                    .replace("%p", &std::process::id().to_string());
+                TraceLog::open(Path::new(&p)).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Opens `path` for appending; a new or empty file gets the metadata line first.
+    pub(crate) fn open(path: &Path) -> std::io::Result<TraceLog> {
+        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let fresh = file.metadata()?.len() == 0;
+        let mut out = BufWriter::new(file);
+        if fresh {
+            writeln!(
+                out,
+                "# {{\"format\":\"tessera-trace\",\"version\":1,\"source\":\"{TRACE_ENV_VAR}\",\"pid\":{},\"tessera\":\"{}\"}}",
+                std::process::id(),
+                env!("CARGO_PKG_VERSION")
+            )?;
+            out.flush()?;
+        }
+        Ok(TraceLog {
+            inner: Mutex::new(Inner {
+                out: Some(out),
+                path: path.to_path_buf(),
+                live: HashMap::new(),
+                free_ids: BinaryHeap::new(),
+                next_id: 1,
+            }),
+        })
+    }
+
+    /// A successful allocation.
+    pub(crate) fn alloc(&self, device: usize, ptr: DevicePtr, size: u64, stream: Stream) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        let id = match inner.free_ids.pop() {
+            Some(Reverse(id)) => id,
+            None => {
+                inner.next_id += 1;
+                inner.next_id - 1
+            }
+        };
+        inner.live.insert((device, ptr), id);
+        inner.write(format_args!("a,{id},{size},{}\n", stream.0));
+    }
+
+    /// A successful free.
+    pub(crate) fn free(&self, device: usize, ptr: DevicePtr) {
+        let mut g = self.inner.lock();
+        let inner = &mut *g;
+        if let Some(id) = inner.live.remove(&(device, ptr)) {
+            inner.free_ids.push(Reverse(id));
+            inner.write(format_args!("f,{id}\n"));
+        }
+    }
+
+    /// Writes buffered lines to the file.
+    pub(crate) fn flush(&self) {
+        let mut g = self.inner.lock();
+        if let Some(out) = g.out.as_mut() {
+            if let Err(e) = out.flush() {
+                g.fail(&e);
+            }
+        }
+    }
+}
+
+impl Inner {
+    fn write(&mut self, line: std::fmt::Arguments<'_>) {
+        if let Some(out) = self.out.as_mut() {
+            if let Err(e) = out.write_fmt(line) {
+                self.fail(&e);
+            }
+        }
+    }
+
+    /// Stops tracing after a write error, saying so once.
+    fn fail(&mut self, e: &std::io::Error) {
+        eprintln!(
+            "tessera: {TRACE_ENV_VAR}: writing {} failed ({e}); tracing stopped",
+            self.path.display()
+        );
+        self.out = None;
+    }
+}
+
+impl Drop for TraceLog {
+    fn drop(&mut self) {
+        // Never panics: a failed flush is reported and dropped.
+        self.flush();
+    }
+}
