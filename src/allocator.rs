@@ -116,19 +116,30 @@ impl Tessera {
     /// An allocator over `driver`. Devices are set up on first use.
     ///
     /// When the environment variable `TESSERA_TRACE` names a file (`%p` in it becomes the
-    /// process id), every allocation and free is appended to it in the trace format that
-    /// `tessera replay` reads; a file that cannot be opened is an [`Error::Config`].
+    /// process id), every allocation and free is written to it in the trace format that
+    /// `tessera replay` reads; a file that cannot be created is an [`Error::Config`]. Tools that
+    /// make many allocators of their own use [`Tessera::untraced`] instead.
     pub fn new(driver: Arc<dyn Driver>, config: Config) -> Result<Self> {
-        config.validate()?;
-        let count = driver.device_count()?;
-        let trace = OnceLock::new();
+        let t = Tessera::untraced(driver, config)?;
         match TraceLog::from_env() {
             Ok(Some(log)) => {
-                let _ = trace.set(log);
+                let _ = t.trace.set(log);
             }
             Ok(None) => {}
-            Err(e) => return Err(Error::Config(format!("{TRACE_ENV_VAR}: cannot open: {e}"))),
+            Err(e) => {
+                return Err(Error::Config(format!(
+                    "{TRACE_ENV_VAR}: cannot create: {e}"
+                )))
+            }
         }
+        Ok(t)
+    }
+
+    /// As [`Tessera::new`], but `TESSERA_TRACE` is ignored: the replay, which makes an allocator
+    /// per replay, uses it so that a trace being recorded is not overwritten by replays.
+    pub fn untraced(driver: Arc<dyn Driver>, config: Config) -> Result<Self> {
+        config.validate()?;
+        let count = driver.device_count()?;
         Ok(Tessera {
             devices: (0..count).map(|_| OnceLock::new()).collect(),
             driver,
@@ -136,17 +147,17 @@ impl Tessera {
             init: std::sync::Mutex::new(()),
             address_map: Arc::new(AddressMap::default()),
             hooks: Arc::new(Hooks::default()),
-            trace,
+            trace: OnceLock::new(),
         })
     }
 
-    /// Appends every later allocation and free to `path` in the trace format `tessera replay`
-    /// reads (what `TESSERA_TRACE` does from the start). Allocations made before are not in the
-    /// trace, and neither are their frees. Fails when the file cannot be opened or a trace is
-    /// already being written.
+    /// Writes every later allocation and free to `path` (created, or truncated) in the trace
+    /// format `tessera replay` reads: what `TESSERA_TRACE` does from the start. Allocations made
+    /// before are not in the trace, and neither are their frees. Every device's events go to the
+    /// one file. Fails when the file cannot be created or a trace is already being written.
     pub fn trace_to(&self, path: &std::path::Path) -> Result<()> {
         let log = TraceLog::open(path)
-            .map_err(|e| Error::Config(format!("trace {}: cannot open: {e}", path.display())))?;
+            .map_err(|e| Error::Config(format!("trace {}: cannot create: {e}", path.display())))?;
         self.trace
             .set(log)
             .map_err(|_| Error::Config("a trace is already being written".into()))
@@ -211,11 +222,11 @@ impl Tessera {
     /// changes nothing.
     #[inline]
     pub fn free(&self, device: usize, ptr: DevicePtr) -> Result<()> {
-        self.device(device)?.free(ptr)?;
-        if let Some(t) = self.trace.get() {
-            t.free(device, ptr);
+        let d = self.device(device)?;
+        match self.trace.get() {
+            None => d.free(ptr).map(|_| ()),
+            Some(t) => t.free(device, ptr, || d.free(ptr).map(|_| ())),
         }
-        Ok(())
     }
 
     /// Frees an allocation whose device the caller does not know.

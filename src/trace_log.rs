@@ -1,6 +1,6 @@
 //! `TESSERA_TRACE`: every allocation and free the allocator serves, appended to a file in the
-//! tessera CSV trace format, so that any run under tessera (PyTorch through the C ABI included)
-//! yields a trace that `tessera replay` can replay.
+//! tessera CSV trace format as they happen, so that any run under tessera yields a trace that
+//! `tessera replay` can replay.
 //!
 //! # Data structure
 //! A [`TraceLog`] holds a buffered file and the ids of the live allocations, keyed by
@@ -13,9 +13,12 @@
 //! both.
 //!
 //! # Locking
-//! One mutex around the file and the ids, taken after the device lock is released (the log is
-//! written once an operation has succeeded), so it never nests inside a device lock. A write
-//! error is reported once on stderr and tracing stops; the allocator goes on.
+//! One mutex around the file and the ids. An allocation is logged after the device lock is
+//! released. A free holds the log's lock across the device's free (log lock, then device lock), so
+//! that the pointer cannot be handed out and logged again before its free is logged. The device
+//! lock is never held while the log's lock is taken, so the two cannot deadlock; an OOM hook that
+//! frees runs with no log lock held by its thread. A write error is reported once on stderr and
+//! tracing stops; the allocator goes on.
 
 use crate::driver::{DevicePtr, Stream};
 use crate::sync::Mutex;
@@ -32,6 +35,8 @@ pub const TRACE_ENV_VAR: &str = "TESSERA_TRACE";
 struct Inner {
     out: Option<BufWriter<File>>,
     path: PathBuf,
+    /// The line being written, reused.
+    line: String,
     live: HashMap<(usize, DevicePtr), u64>,
     free_ids: BinaryHeap<Reverse<u64>>,
     next_id: u64,
@@ -44,7 +49,7 @@ pub(crate) struct TraceLog {
 }
 
 impl TraceLog {
-    /// The file `TESSERA_TRACE` names, opened for appending, or `None` when it is unset or empty.
+    /// The file `TESSERA_TRACE` names, created, or `None` when the variable is unset or empty.
     pub(crate) fn from_env() -> std::io::Result<Option<TraceLog>> {
         match std::env::var_os(TRACE_ENV_VAR) {
             Some(p) if !p.is_empty() => {
@@ -57,12 +62,15 @@ impl TraceLog {
         }
     }
 
-    /// Opens `path` for appending; a new or empty file gets the metadata line first.
+    /// Creates (or truncates) `path` and writes the metadata line.
     pub(crate) fn open(path: &Path) -> std::io::Result<TraceLog> {
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let fresh = file.metadata()?.len() == 0;
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(path)?;
         let mut out = BufWriter::new(file);
-        if fresh {
+        {
             writeln!(
                 out,
                 "# {{\"format\":\"tessera-trace\",\"version\":1,\"source\":\"{TRACE_ENV_VAR}\",\"pid\":{},\"tessera\":\"{}\"}}",
@@ -75,6 +83,7 @@ impl TraceLog {
             inner: Mutex::new(Inner {
                 out: Some(out),
                 path: path.to_path_buf(),
+                line: String::new(),
                 live: HashMap::new(),
                 free_ids: BinaryHeap::new(),
                 next_id: 1,
@@ -94,17 +103,26 @@ impl TraceLog {
             }
         };
         inner.live.insert((device, ptr), id);
-        inner.write(format_args!("a,{id},{size},{}\n", stream.0));
+        inner.write_line(format_args!("a,{id},{size},{}", stream.0));
     }
 
-    /// A successful free.
-    pub(crate) fn free(&self, device: usize, ptr: DevicePtr) {
+    /// Runs `free` (the allocator's free of `ptr` on `device`) under the log's lock, and logs it if
+    /// it succeeded. Holding the lock across the free keeps the log in the allocator's order: no
+    /// other thread can be handed `ptr` again and log that allocation before this free is logged.
+    pub(crate) fn free<E>(
+        &self,
+        device: usize,
+        ptr: DevicePtr,
+        free: impl FnOnce() -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut g = self.inner.lock();
+        free()?;
         let inner = &mut *g;
         if let Some(id) = inner.live.remove(&(device, ptr)) {
             inner.free_ids.push(Reverse(id));
-            inner.write(format_args!("f,{id}\n"));
+            inner.write_line(format_args!("f,{id}"));
         }
+        Ok(())
     }
 
     /// Writes buffered lines to the file.
@@ -119,17 +137,26 @@ impl TraceLog {
 }
 
 impl Inner {
-    fn write(&mut self, line: std::fmt::Arguments<'_>) {
-        if let Some(out) = self.out.as_mut() {
-            if let Err(e) = out.write_fmt(line) {
-                self.fail(&e);
-            }
+    /// Formats the line first and hands it to the buffer in one piece, so that a flush never
+    /// falls inside a line.
+    fn write_line(&mut self, line: std::fmt::Arguments<'_>) {
+        use std::fmt::Write as _;
+        let Some(out) = self.out.as_mut() else {
+            return;
+        };
+        self.line.clear();
+        let _ = self.line.write_fmt(line);
+        self.line.push('\n');
+        if let Err(e) = out.write_all(self.line.as_bytes()) {
+            self.fail(&e);
         }
     }
 
-    /// Stops tracing after a write error, saying so once.
+    /// Stops tracing after a write error, saying so once (on a stderr that may itself be
+    /// closed: never panics).
     fn fail(&mut self, e: &std::io::Error) {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "tessera: {TRACE_ENV_VAR}: writing {} failed ({e}); tracing stopped",
             self.path.display()
         );

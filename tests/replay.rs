@@ -90,7 +90,7 @@ fn pinned_segments_min_capacity() {
     let t = parse(&pinned_segments());
     let o = opts(1 << 30);
     let peak = trace_peak_live(&t);
-    let tessera = min_capacity(&t, Policy::Tessera, &o, peak)
+    let tessera = min_capacity(&t, Policy::Tessera, &o, peak, None)
         .unwrap()
         .unwrap();
     assert!(
@@ -100,12 +100,22 @@ fn pinned_segments_min_capacity() {
     );
     assert_eq!(tessera, 200 * MIB);
     assert_eq!(
-        min_capacity(&t, Policy::Native, &o, peak).unwrap(),
+        min_capacity(&t, Policy::Native, &o, peak, None).unwrap(),
         Some(380 * MIB)
+    );
+    // A known fit (the peak reserved of a replay with no OOM) gives the same answer.
+    assert_eq!(
+        min_capacity(&t, Policy::Native, &o, peak, Some(380 * MIB)).unwrap(),
+        Some(380 * MIB)
+    );
+    // An empty trace needs nothing.
+    assert_eq!(
+        min_capacity(&parse("# nothing\n"), Policy::Native, &o, 0, None).unwrap(),
+        None
     );
     // Capacity given too small: the search goes up and still finds the answer.
     assert_eq!(
-        min_capacity(&t, Policy::Native, &opts(64 * MIB), peak).unwrap(),
+        min_capacity(&t, Policy::Native, &opts(64 * MIB), peak, None).unwrap(),
         Some(380 * MIB)
     );
 }
@@ -201,8 +211,17 @@ fn samples_track_reserved_and_live() {
         ..opts(1 << 30)
     };
     let r = replay(&t, Policy::Native, &o, &mut |_| {}).unwrap();
-    assert!(r.samples.len() >= 10);
-    assert_eq!(r.samples.last().unwrap().event, t.events.len());
+    // 192 events in windows of ceil(192 / 10) = 20, and a last one for the rest.
+    let ends: Vec<usize> = r.samples.iter().map(|s| s.event).collect();
+    assert_eq!(ends, [20, 40, 60, 80, 100, 120, 140, 160, 180, 192]);
+    // Native: ten 20 MiB segments by event 100, frees until 190, the 180 MiB segment at 191.
+    let reserved: Vec<u64> = r.samples.iter().map(|s| s.reserved / MIB).collect();
+    assert_eq!(reserved, [40, 80, 120, 160, 200, 200, 200, 200, 200, 380]);
+    // Live: 2 MiB per allocation up to event 100; after that a window's peak is its start (it
+    // only frees), except the last, which holds the 180 MiB spike though it is freed before the
+    // window closes.
+    let live: Vec<u64> = r.samples.iter().map(|s| s.live / MIB).collect();
+    assert_eq!(live, [40, 80, 120, 160, 200, 200, 160, 120, 80, 200]);
     assert_eq!(
         r.samples.iter().map(|s| s.reserved).max(),
         Some(r.peak_reserved_bytes)
@@ -217,7 +236,8 @@ fn samples_track_reserved_and_live() {
 #[test]
 fn run_gives_one_row_per_policy_with_min_capacity() {
     let t = parse(&pinned_segments());
-    let report = rp::run(&t, &Policy::ALL, &opts(1 << 30), true, &mut |_, _| {}).unwrap();
+    let report = rp::run(&t, &Policy::ALL, &opts(1 << 30), true, &mut |_, _| {});
+    assert!(report.errors.is_empty());
     assert_eq!(report.rows.len(), 4);
     let native = &report.rows[2];
     assert_eq!(native.policy, "native");
@@ -297,5 +317,48 @@ fn a_trace_written_by_the_library_replays_the_same() {
     ));
     let r = replay(&tr, Policy::Tessera, &opts(1 << 30), &mut |_| {}).unwrap();
     assert_eq!(r.peak_live_bytes, 7 * MIB + 100);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn a_trace_of_two_threads_is_consistent() {
+    // Threads allocate and free the same sizes, so pointers move between them: the log must
+    // never show an allocation of a pointer before the free that released it.
+    let path = std::env::temp_dir().join(format!("tessera-trace-mt-{}.csv", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let sim = Arc::new(SimDriver::new(SimConfig {
+        capacity: 1 << 30,
+        backing: tessera::driver::sim::Backing::Bookkeeping,
+        ..SimConfig::default()
+    }));
+    let t = Arc::new(Tessera::new(sim, Config::default()).unwrap());
+    t.trace_to(&path).unwrap();
+    const THREADS: usize = 4;
+    const PAIRS: u64 = 30_000;
+    let workers: Vec<_> = (0..THREADS)
+        .map(|_| {
+            let t = Arc::clone(&t);
+            std::thread::spawn(move || {
+                for i in 0..PAIRS {
+                    let size = if i % 3 == 0 { 3 * MIB } else { 4096 };
+                    let p = t.allocate(0, size, Stream(0)).unwrap();
+                    t.free(0, p).unwrap();
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    drop(t);
+    let tr = trace::load(&path, 0).unwrap();
+    assert!(
+        tr.problems.is_empty(),
+        "{:?}",
+        &tr.problems[..3.min(tr.problems.len())]
+    );
+    // Every event is there: a free logged after another thread's allocation of the same pointer
+    // would silently lose events.
+    assert_eq!(tr.events.len() as u64, THREADS as u64 * PAIRS * 2);
     let _ = std::fs::remove_file(&path);
 }

@@ -178,22 +178,38 @@ pub fn overhead_pct(reserved: u64, live: u64) -> f64 {
     }
 }
 
-/// Why a replay could not finish.
+/// Why a replay could not finish. `line` is the trace line of the event, 0 when the failure is
+/// not tied to one (setting up the allocator, the checks at the end).
 #[derive(Debug)]
 pub enum ReplayError {
     /// The allocator failed in a way other than an OOM (bad configuration, a driver error).
-    Allocator { line: u64, error: Error },
-    /// `--verify`: an allocation lost its contents.
-    Corrupted { line: u64, detail: String },
+    Allocator {
+        policy: Policy,
+        line: u64,
+        error: Error,
+    },
+    /// An allocation lost its contents (`verify`), or the allocator's accounting disagrees with
+    /// the driver's.
+    Corrupted {
+        policy: Policy,
+        line: u64,
+        detail: String,
+    },
 }
 
 impl fmt::Display for ReplayError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (policy, line) = match self {
+            ReplayError::Allocator { policy, line, .. }
+            | ReplayError::Corrupted { policy, line, .. } => (policy, *line),
+        };
+        write!(f, "policy {policy}")?;
+        if line > 0 {
+            write!(f, ", event at line {line}")?;
+        }
         match self {
-            ReplayError::Allocator { line, error } => write!(f, "event at line {line}: {error}"),
-            ReplayError::Corrupted { line, detail } => {
-                write!(f, "event at line {line}: memory corrupted: {detail}")
-            }
+            ReplayError::Allocator { error, .. } => write!(f, ": {error}"),
+            ReplayError::Corrupted { detail, .. } => write!(f, ": corrupted: {detail}"),
         }
     }
 }
@@ -213,7 +229,7 @@ impl Runner {
                 backend,
                 ..config.clone()
             };
-            Tessera::new(drv.clone(), config).map(Runner::Tessera)
+            Tessera::untraced(drv.clone(), config).map(Runner::Tessera)
         };
         let pytorch = |rules| {
             let mut p = PytorchAllocator::new(drv.clone(), 0, rules)?;
@@ -279,8 +295,12 @@ pub fn replay(
             Backing::Bookkeeping
         },
     }));
-    let mut runner = Runner::new(policy, drv.clone(), &opts.config)
-        .map_err(|error| ReplayError::Allocator { line: 0, error })?;
+    let mut runner =
+        Runner::new(policy, drv.clone(), &opts.config).map_err(|error| ReplayError::Allocator {
+            policy,
+            line: 0,
+            error,
+        })?;
     let streams: Vec<Stream> = trace.streams.iter().map(|&s| Stream(s)).collect();
     let mut ptrs: Vec<DevicePtr> = vec![0; trace.slots as usize];
     let mut sizes: Vec<u64> = vec![0; trace.slots as usize];
@@ -315,12 +335,22 @@ pub fn replay(
                         live += size;
                         window_live = window_live.max(live);
                         if opts.verify {
+                            pattern::accessible(&drv, ptr, size).map_err(|detail| {
+                                ReplayError::Corrupted {
+                                    policy,
+                                    line: ev.line,
+                                    detail,
+                                }
+                            })?;
                             // SAFETY: with real backing, `ptr` is host memory the simulated driver
-                            // mapped read-write, and the allocation holds `size` bytes.
+                            // mapped read-write (checked just above), and the allocation holds
+                            // `size` bytes.
                             unsafe { pattern::write(ptr, size, slot) };
                         }
                     }
-                    Err(Error::OutOfMemory(_)) => {
+                    // A request larger than any device is bad input to an allocator, but in a
+                    // trace it is a request that cannot be served: an OOM, as in PyTorch.
+                    Err(Error::OutOfMemory(_) | Error::InvalidSize { .. }) => {
                         ptrs[slot as usize] = 0;
                         out.ooms += 1;
                         out.oom_events.push(i);
@@ -331,6 +361,7 @@ pub fn replay(
                     }
                     Err(error) => {
                         return Err(ReplayError::Allocator {
+                            policy,
                             line: ev.line,
                             error,
                         })
@@ -342,15 +373,18 @@ pub fn replay(
                 if ptr != 0 {
                     let size = sizes[slot as usize];
                     if opts.verify {
-                        // SAFETY: as at the allocation: the block is still live until freed below.
+                        // SAFETY: as at the allocation (checked accessible there); the block is
+                        // live until freed below, and live blocks are never unmapped.
                         if let Err(detail) = unsafe { pattern::check(ptr, size, slot) } {
                             return Err(ReplayError::Corrupted {
+                                policy,
                                 line: ev.line,
                                 detail,
                             });
                         }
                     }
                     runner.free(ptr).map_err(|error| ReplayError::Allocator {
+                        policy,
                         line: ev.line,
                         error,
                     })?;
@@ -385,16 +419,22 @@ pub fn replay(
     let (mine, driver) = (runner.reserved(), drv.bytes_in_use(0));
     if mine != driver {
         return Err(ReplayError::Corrupted {
+            policy,
             line: 0,
-            detail: format!("{policy} says it reserved {mine} B, the driver holds {driver} B"),
+            detail: format!("the allocator says it reserved {mine} B, the driver holds {driver} B"),
         });
     }
     if opts.verify {
         for (slot, (&ptr, &size)) in ptrs.iter().zip(&sizes).enumerate() {
             if ptr != 0 {
                 // SAFETY: every nonzero slot holds a live allocation of `size` bytes.
-                unsafe { pattern::check(ptr, size, slot as u32) }
-                    .map_err(|detail| ReplayError::Corrupted { line: 0, detail })?;
+                unsafe { pattern::check(ptr, size, slot as u32) }.map_err(|detail| {
+                    ReplayError::Corrupted {
+                        policy,
+                        line: 0,
+                        detail,
+                    }
+                })?;
             }
         }
     }
@@ -416,17 +456,27 @@ fn sample(drv: &SimDriver, out: &mut Outcome, event: usize, window_live: &mut u6
     *window_live = live;
 }
 
+/// The largest capacity a replay accepts: the simulated device's fake address space is 16 TiB, and
+/// allocators reserve more virtual space than they map.
+pub const MAX_CAPACITY: u64 = 8 << 40;
+
 /// The smallest capacity, a multiple of [`MIN_CAPACITY_STEP`], at which `trace` replays through
 /// `policy` with no OOM, by bisection (which assumes that more memory never adds an OOM), or
-/// `None` when even 1 PiB is not enough. `peak_live` (the trace's peak live bytes) bounds the
-/// search from below: less than that always fails.
+/// `None` when the trace allocates nothing or even [`MAX_CAPACITY`] is not enough.
+///
+/// `peak_live` (the trace's peak live bytes) bounds the search from below: less than that always
+/// fails. `known_fit`, the peak reserved bytes of a replay with no OOM, bounds it from above: a
+/// replay on a device of exactly that size makes the same requests and never needs more.
 pub fn min_capacity(
     trace: &Trace,
     policy: Policy,
     opts: &ReplayOptions,
     peak_live: u64,
+    known_fit: Option<u64>,
 ) -> Result<Option<u64>, ReplayError> {
-    const MAX: u64 = 1 << 50;
+    if peak_live == 0 {
+        return Ok(None);
+    }
     let fits = |capacity: u64| -> Result<bool, ReplayError> {
         let opts = ReplayOptions {
             capacity,
@@ -437,16 +487,20 @@ pub fn min_capacity(
         };
         Ok(replay(trace, policy, &opts, &mut |_| {})?.ooms == 0)
     };
+    // Counted in steps: `lo` is known to fail (less than peak live), `hi` to fit once checked.
     let step = MIN_CAPACITY_STEP;
-    // In steps: `lo` is known to fail (or is 0), `hi` to fit.
-    let mut lo = peak_live.saturating_sub(1) / step;
-    let mut hi = opts.capacity.div_ceil(step).max(lo + 1);
+    let max = MAX_CAPACITY / step;
+    let mut lo = (peak_live - 1) / step;
+    let mut hi = known_fit
+        .unwrap_or(opts.capacity)
+        .div_ceil(step)
+        .clamp(lo + 1, max);
     while !fits(hi * step)? {
-        if hi * step >= MAX {
+        if hi >= max {
             return Ok(None);
         }
         lo = hi;
-        hi = (hi * 2).min(MAX / step);
+        hi = hi.saturating_mul(2).min(max);
     }
     while hi - lo > 1 {
         let mid = lo + (hi - lo) / 2;
@@ -467,7 +521,7 @@ pub fn trace_peak_live(trace: &Trace) -> u64 {
         match ev.op {
             Op::Alloc { slot, size, .. } => {
                 sizes[slot as usize] = size;
-                live += size;
+                live = live.saturating_add(size);
                 peak = peak.max(live);
             }
             Op::Free { slot } => live -= sizes[slot as usize],
@@ -480,9 +534,26 @@ pub fn trace_peak_live(trace: &Trace) -> u64 {
 /// enough to catch a block handed out twice or a page mapped in the wrong place, without writing
 /// gigabytes).
 mod pattern {
+    use crate::driver::sim::SimDriver;
     use crate::driver::DevicePtr;
 
     const SPAN: u64 = 4096;
+
+    /// Whether the bytes [`write`] and [`check`] touch are mapped and accessible, so that an
+    /// allocator bug is reported instead of faulting.
+    pub(super) fn accessible(drv: &SimDriver, ptr: DevicePtr, size: u64) -> Result<(), String> {
+        let head = size.min(SPAN);
+        let tail = size.saturating_sub(SPAN).max(head);
+        for at in [ptr, ptr + head - 1, ptr + tail, ptr + size - 1] {
+            if at < ptr + size && !drv.is_accessible(0, at) {
+                return Err(format!(
+                    "allocation at {ptr:#x} ({size} B): byte {} is not mapped",
+                    at - ptr
+                ));
+            }
+        }
+        Ok(())
+    }
 
     fn byte(slot: u32, i: u64) -> u8 {
         (u64::from(slot)
@@ -522,5 +593,34 @@ mod pattern {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pattern;
+
+    #[test]
+    fn the_pattern_catches_one_changed_byte_at_either_end() {
+        for size in [1u64, 100, 4096, 5000, 20_000] {
+            let mut buf = vec![0u8; size as usize];
+            let ptr = buf.as_mut_ptr() as u64;
+            // SAFETY: `buf` is `size` bytes of host memory owned here.
+            unsafe { pattern::write(ptr, size, 7) };
+            // SAFETY: as above.
+            assert!(unsafe { pattern::check(ptr, size, 7) }.is_ok());
+            // SAFETY: as above.
+            assert!(
+                unsafe { pattern::check(ptr, size, 8) }.is_err(),
+                "another slot's pattern"
+            );
+            for at in [0, size - 1] {
+                buf[at as usize] ^= 0xff;
+                // SAFETY: as above.
+                let e = unsafe { pattern::check(ptr, size, 7) }.unwrap_err();
+                assert!(e.contains(&format!("byte {at} ")), "{e}");
+                buf[at as usize] ^= 0xff;
+            }
+        }
     }
 }

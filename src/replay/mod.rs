@@ -27,7 +27,7 @@ use engine::{min_capacity, replay, trace_peak_live};
 use trace::Trace;
 
 /// Everything measured on one trace.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct TraceReport {
     /// One row per policy, in the order asked, then `recorded` when the trace has it.
     pub rows: Vec<Row>,
@@ -35,30 +35,47 @@ pub struct TraceReport {
     pub outcomes: Vec<Outcome>,
     /// The recorded reserved bytes as a time series, when the trace has them.
     pub recorded: Vec<Sample>,
+    /// Policies whose replay failed (a driver error, a corruption): no row for them.
+    pub errors: Vec<ReplayError>,
 }
 
 /// Replays `trace` through every policy in `policies`; with `find_min_capacity`, also bisects the
-/// smallest capacity each needs. `progress(policy, events done)` is called now and then.
+/// smallest capacity each needs. `progress(policy, events done)` is called now and then. A policy
+/// whose replay fails gets no row and its error in [`TraceReport::errors`]; the others go on.
 pub fn run(
     trace: &Trace,
     policies: &[Policy],
     opts: &ReplayOptions,
     find_min_capacity: bool,
     progress: &mut dyn FnMut(Policy, usize),
-) -> Result<TraceReport, ReplayError> {
+) -> TraceReport {
     let dropped = trace.problems.len() as u64;
     let peak_live = trace_peak_live(trace);
     let mut report = TraceReport {
         rows: Vec::new(),
         outcomes: Vec::new(),
         recorded: recorded_series(trace),
+        errors: Vec::new(),
     };
     let recorded_peak = report.recorded.iter().map(|s| s.reserved).max();
     for &policy in policies {
-        let outcome = replay(trace, policy, opts, &mut |n| progress(policy, n))?;
+        let outcome = match replay(trace, policy, opts, &mut |n| progress(policy, n)) {
+            Ok(o) => o,
+            Err(e) => {
+                report.errors.push(e);
+                continue;
+            }
+        };
         let mut row = Row::from_outcome(&trace.name, opts.capacity, dropped, &outcome);
         if find_min_capacity {
-            row.set_min_capacity(min_capacity(trace, policy, opts, peak_live)?);
+            let known_fit = (outcome.ooms == 0).then_some(outcome.peak_reserved_bytes);
+            match min_capacity(trace, policy, opts, peak_live, known_fit) {
+                Ok(bytes) => row.set_min_capacity(bytes, peak_live),
+                Err(e) => {
+                    report.errors.push(e);
+                    continue;
+                }
+            }
         }
         if let Some(rec) = recorded_peak.filter(|&r| r > 0) {
             row.vs_recorded_pct = Some(
@@ -79,7 +96,7 @@ pub fn run(
             rec,
         ));
     }
-    Ok(report)
+    report
 }
 
 /// The trace's recorded reserved bytes as samples (live bytes left 0: the row carries them).

@@ -8,7 +8,8 @@
 //!
 //! # Invariants
 //! `overhead_pct` = (`peak_reserved_bytes` − `peak_live_bytes`) / `peak_live_bytes` × 100;
-//! `min_capacity_ratio` = `min_capacity_bytes` / `peak_live_bytes` when both are known.
+//! `min_capacity_ratio` = `min_capacity_bytes` / the trace's peak live bytes with every allocation
+//! served (equal to `peak_live_bytes` when the row had no OOM).
 //!
 //! # Locking
 //! None.
@@ -103,13 +104,12 @@ impl Row {
         }
     }
 
-    /// Sets the smallest capacity found and its ratio to peak live.
-    pub fn set_min_capacity(&mut self, bytes: Option<u64>) {
+    /// Sets the smallest capacity found and its ratio to `peak_live`, the trace's peak live bytes
+    /// when every allocation succeeds (the row's own peak is lower when it had OOMs).
+    pub fn set_min_capacity(&mut self, bytes: Option<u64>, peak_live: u64) {
         self.min_capacity_bytes = bytes;
         self.min_capacity_ratio = match bytes {
-            Some(b) if self.peak_live_bytes > 0 => {
-                Some(round3(b as f64 / self.peak_live_bytes as f64))
-            }
+            Some(b) if peak_live > 0 => Some(round3(b as f64 / peak_live as f64)),
             _ => None,
         };
     }

@@ -19,6 +19,7 @@ use tessera::bytes::{format_bytes, parse_bytes};
 use tessera::driver::cuda::CudaDriver;
 use tessera::driver::sim::{SimConfig, SimDriver};
 use tessera::driver::Driver;
+use tessera::replay::engine::MAX_CAPACITY;
 use tessera::replay::{self, trace, Policy, ReplayOptions};
 use tessera::Config;
 
@@ -47,11 +48,11 @@ struct ReplayArgs {
     /// snapshots (`torch.cuda.memory._dump_snapshot`).
     #[arg(required = true, value_name = "TRACE")]
     traces: Vec<PathBuf>,
-    /// Memory of the simulated device.
-    #[arg(long, default_value = "80GiB", value_parser = parse_size)]
+    /// Memory of the simulated device (at most 8 TiB).
+    #[arg(long, default_value = "80GiB", value_parser = parse_capacity)]
     capacity: u64,
-    /// Allocation granularity of the simulated device.
-    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+    /// Allocation granularity of the simulated device: a power of two, at least 4 KiB.
+    #[arg(long, default_value = "2MiB", value_parser = parse_granularity)]
     granularity: u64,
     /// Policies to compare, comma-separated: tessera, legacy, native, expandable.
     #[arg(
@@ -91,10 +92,21 @@ struct InfoArgs {
     sim: String,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
+fn parse_capacity(s: &str) -> Result<u64, String> {
     match parse_bytes(s)? {
         0 => Err("expected a size of at least 1 byte".into()),
+        n if n > MAX_CAPACITY => Err(format!(
+            "at most {} (the simulated device's address space)",
+            format_bytes(MAX_CAPACITY)
+        )),
         n => Ok(n),
+    }
+}
+
+fn parse_granularity(s: &str) -> Result<u64, String> {
+    match parse_bytes(s)? {
+        n if n.is_power_of_two() && (4096..=1 << 30).contains(&n) => Ok(n),
+        _ => Err("expected a power of two from 4 KiB to 1 GiB".into()),
     }
 }
 
@@ -123,8 +135,12 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
     if !args.conf.contains("check_invariants") {
         config.check_invariants = false;
     }
-    let mut policies = args.policy.clone();
-    policies.dedup();
+    let mut policies: Vec<Policy> = Vec::new();
+    for p in &args.policy {
+        if !policies.contains(p) {
+            policies.push(*p);
+        }
+    }
     let opts = ReplayOptions {
         capacity: args.capacity,
         granularity: args.granularity,
@@ -147,26 +163,22 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         };
         report_problems(&trace);
         let mut bar = progress::Progress::new(&trace.name, trace.events.len(), policies.len());
-        match replay::run(&trace, &policies, &opts, args.min_capacity, &mut |p, n| {
+        let report = replay::run(&trace, &policies, &opts, args.min_capacity, &mut |p, n| {
             bar.update(p, n)
-        }) {
-            Ok(report) => {
-                bar.finish();
-                for row in &report.rows {
-                    if args.json {
-                        println!("{}", row.to_json());
-                    }
-                }
-                rows.extend(report.rows.iter().cloned());
-                if args.plot.is_some() {
-                    plotted.push((trace.name.clone(), report));
-                }
+        });
+        bar.finish();
+        for e in &report.errors {
+            eprintln!("tessera: {}: {e}", trace.name);
+            failed = true;
+        }
+        if args.json {
+            for row in &report.rows {
+                println!("{}", row.to_json());
             }
-            Err(e) => {
-                bar.finish();
-                eprintln!("tessera: {}: {e}", trace.name);
-                failed = true;
-            }
+        }
+        rows.extend(report.rows.iter().cloned());
+        if args.plot.is_some() && !report.outcomes.is_empty() {
+            plotted.push((trace.name.clone(), report));
         }
     }
     if !args.json && !rows.is_empty() {
