@@ -17,6 +17,14 @@ fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The `--json` output: one object per line.
+fn json_rows(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
@@ -80,10 +88,7 @@ fn json_has_one_object_per_policy_with_every_field() {
         "native,tessera",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let rows: Vec<serde_json::Value> = stdout(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
-        .collect();
+    let rows = json_rows(&o);
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0]["policy"], "native");
     assert_eq!(rows[1]["policy"], "tessera");
@@ -127,10 +132,7 @@ fn min_capacity_ratio_is_to_the_traces_peak_even_with_ooms() {
         "native,tessera,native",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let rows: Vec<serde_json::Value> = stdout(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&o);
     assert_eq!(rows.len(), 2, "a policy named twice is replayed once");
     assert!(rows[0]["ooms"].as_u64().unwrap() > 0);
     assert_eq!(rows[0]["min_capacity_ratio"], 1.9);
@@ -150,10 +152,7 @@ fn ooms_at_a_small_capacity_are_counted() {
         "native,tessera",
     ]);
     assert!(o.status.success(), "OOMs are results, not failures");
-    let rows: Vec<serde_json::Value> = stdout(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&o);
     assert_eq!(rows[0]["ooms"], 1);
     assert_eq!(rows[1]["ooms"], 0);
 }
@@ -277,10 +276,7 @@ fn a_pytorch_snapshot_gets_a_recorded_row() {
     );
     let o = tessera(&["replay", fixture, "--json", "--policy", "native,tessera"]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let rows: Vec<serde_json::Value> = stdout(&o)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let rows = json_rows(&o);
     let policies: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(policies, ["native", "tessera", "recorded"]);
     // The fixture's segments (scripts/make_snapshot_fixture.py): 42 MiB reserved at the peak;

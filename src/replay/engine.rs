@@ -163,10 +163,6 @@ impl Outcome {
             0.0
         }
     }
-
-    pub fn driver_call_total(&self) -> u64 {
-        self.driver_calls.iter().map(|&(_, n)| n).sum()
-    }
 }
 
 /// (reserved − live) / live, in percent; 0 when nothing was live.

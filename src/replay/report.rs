@@ -163,9 +163,9 @@ pub fn render_table(rows: &[Row]) -> String {
         header.extend(["min capacity", "÷ peak live"]);
     }
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
+    let dash = || "-".to_string();
     for r in rows {
         let recorded = r.policy == RECORDED;
-        let dash = || "-".to_string();
         let mut line = vec![
             r.trace.clone(),
             r.policy.clone(),
@@ -173,28 +173,16 @@ pub fn render_table(rows: &[Row]) -> String {
             format_bytes(r.peak_live_bytes),
             format_bytes(r.peak_reserved_bytes),
             format!("{:.1}%", r.overhead_pct),
-            if recorded { dash() } else { r.ooms.to_string() },
-            if recorded {
-                dash()
-            } else {
-                r.remaps.to_string()
-            },
-            if recorded {
-                dash()
-            } else {
-                r.driver_calls.values().sum::<u64>().to_string()
-            },
-            if recorded {
-                dash()
-            } else {
-                format!("{:.2} s", r.seconds)
-            },
-            if recorded {
-                dash()
-            } else {
-                rate(r.events_per_s)
-            },
+            r.ooms.to_string(),
+            r.remaps.to_string(),
+            r.driver_calls.values().sum::<u64>().to_string(),
+            format!("{:.2} s", r.seconds),
+            rate(r.events_per_s),
         ];
+        if recorded {
+            // Nothing was replayed for the recorded row: no OOMs, remaps, calls or time to show.
+            line[6..].fill_with(dash);
+        }
         if with_recorded {
             line.push(match r.vs_recorded_pct {
                 Some(p) if !recorded => format!("{p:+.1}%"),

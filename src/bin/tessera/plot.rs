@@ -1,6 +1,7 @@
 //! `--plot out.svg`: reserved bytes over each trace for every policy, live bytes beneath, OOMs
 //! marked with crosses; one panel per trace.
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use std::path::Path;
 use tessera::replay::{Policy, TraceReport};
@@ -68,15 +69,11 @@ where
 
     // Live bytes: the same for every policy that had no OOM; take the one with the fewest.
     if let Some(o) = report.outcomes.iter().min_by_key(|o| o.ooms) {
-        chart
-            .draw_series(LineSeries::new(
-                o.samples
-                    .iter()
-                    .map(|s| (s.event as f64, s.live as f64 / GIB)),
-                BLACK.stroke_width(2),
-            ))?
-            .label("live")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+        let live = o
+            .samples
+            .iter()
+            .map(|s| (s.event as f64, s.live as f64 / GIB));
+        line(&mut chart, live, BLACK, "live".into())?;
     }
     if !report.recorded.is_empty() {
         let grey = RGBColor(120, 120, 120);
@@ -89,24 +86,15 @@ where
             last = y;
         }
         steps.push((events, last));
-        chart
-            .draw_series(LineSeries::new(steps, grey.stroke_width(2)))?
-            .label("recorded (PyTorch)")
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], grey.stroke_width(2))
-            });
+        line(&mut chart, steps, grey, "recorded (PyTorch)".into())?;
     }
     for o in &report.outcomes {
         let c = color(o.policy);
-        chart
-            .draw_series(LineSeries::new(
-                o.samples
-                    .iter()
-                    .map(|s| (s.event as f64, s.reserved as f64 / GIB)),
-                c.stroke_width(2),
-            ))?
-            .label(format!("{} reserved", o.policy))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        let reserved = o
+            .samples
+            .iter()
+            .map(|s| (s.event as f64, s.reserved as f64 / GIB));
+        line(&mut chart, reserved, c, format!("{} reserved", o.policy))?;
         // OOMs: a cross at the reserved level of the window they fell in.
         let at = |event: usize| {
             let i = o.samples.partition_point(|s| s.event <= event);
@@ -126,5 +114,22 @@ where
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
+    Ok(())
+}
+
+/// One labelled line of the chart.
+fn line<DB: DrawingBackend>(
+    chart: &mut ChartContext<'_, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>,
+    points: impl IntoIterator<Item = (f64, f64)>,
+    color: RGBColor,
+    label: String,
+) -> Result<(), Box<dyn std::error::Error>>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .draw_series(LineSeries::new(points, color.stroke_width(2)))?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
     Ok(())
 }
