@@ -5,7 +5,7 @@
 //! - [`AddressMap`]: which device owns which virtual range or legacy segment, so that a pointer
 //!   alone (`free_any`, `record_stream`, `allocation`) finds its device. It changes only on the slow
 //!   path (a new reservation or segment), so the hot path never touches it.
-//! - [`Hooks`]: the registered eviction hooks, in registration order.
+//! - [`Hooks`](crate::hooks): the registered eviction hooks, in registration order.
 //!
 //! # Locking
 //! Lock order: a device lock, then the address map's (written under the device lock, read with no
@@ -15,44 +15,13 @@ use crate::config::Config;
 use crate::device::DeviceAllocator;
 use crate::driver::{DevicePtr, Driver, Stream};
 use crate::error::{Error, Result};
+use crate::hooks::{HookId, Hooks};
 use crate::stats::{Snapshot, Stats};
-use crate::sync::{Arc, AtomicU64, Mutex, Ordering, RwLock};
+use crate::sync::{Arc, RwLock};
 use crate::trace_log::{TraceLog, TRACE_ENV_VAR};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::OnceLock;
-
-/// An eviction hook: called with (device, requested bytes) when an allocation would fail.
-/// (A `std` `Arc`: hooks are user closures, not synchronisation that loom models.)
-pub type OomHook = std::sync::Arc<dyn Fn(usize, u64) + Send + Sync>;
-
-/// Identifies a registered hook, to remove it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct HookId(pub u64);
-
-/// The registered hooks.
-#[derive(Default)]
-pub(crate) struct Hooks {
-    next: AtomicU64,
-    list: Mutex<Vec<(u64, OomHook)>>,
-}
-
-impl fmt::Debug for Hooks {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Hooks({})", self.list.lock().len())
-    }
-}
-
-impl Hooks {
-    /// The hooks now, in order, copied out so that none runs under this lock.
-    pub(crate) fn snapshot(&self) -> Vec<OomHook> {
-        self.list
-            .lock()
-            .iter()
-            .map(|(_, h)| std::sync::Arc::clone(h))
-            .collect()
-    }
-}
 
 /// Which device owns which address range.
 #[derive(Debug, Default)]
@@ -281,15 +250,22 @@ impl Tessera {
         Ok(r?)
     }
 
-    /// `empty_cache` on every device that has been used.
+    /// `empty_cache` on every device that has been used. A device that fails does not keep the
+    /// others from being emptied; the first error is returned after all were tried.
     pub fn empty_cache_all(&self) -> Result<u64> {
         let mut total = 0;
+        let mut first_error = None;
         for (i, cell) in self.devices.iter().enumerate() {
             if cell.get().is_some() {
-                total += self.empty_cache(i)?;
+                match self.empty_cache(i) {
+                    Ok(n) => total += n,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
             }
         }
-        Ok(total)
+        first_error.map_or(Ok(total), Err)
     }
 
     /// Releases what is free and already known to be done on the GPU, without waiting.
@@ -310,11 +286,12 @@ impl Tessera {
         Ok(())
     }
 
-    /// Limits `device` to a fraction of its total memory (PyTorch's `set_per_process_memory_fraction`).
+    /// Limits `device` to a fraction in [0, 1] of its total memory (PyTorch's
+    /// `set_per_process_memory_fraction`, which also allows 0: no new memory).
     pub fn set_memory_fraction(&self, device: usize, fraction: f64) -> Result<()> {
-        if !(fraction > 0.0 && fraction <= 1.0) {
+        if !(0.0..=1.0).contains(&fraction) {
             return Err(Error::Config(format!(
-                "memory fraction {fraction} is not in (0, 1]"
+                "memory fraction {fraction} is not in [0, 1]"
             )));
         }
         self.device(device)?.state.lock().fraction = Some(fraction);
@@ -323,17 +300,13 @@ impl Tessera {
 
     /// Registers an eviction hook, called (with no lock held) when an allocation would fail.
     pub fn add_oom_hook(&self, hook: impl Fn(usize, u64) + Send + Sync + 'static) -> HookId {
-        let id = self.hooks.next.fetch_add(1, Ordering::Relaxed);
-        self.hooks.list.lock().push((id, std::sync::Arc::new(hook)));
-        HookId(id)
+        self.hooks.add(std::sync::Arc::new(hook))
     }
 
-    /// Removes a hook; false if it was not registered.
+    /// Removes a hook; false if it was not registered. Once this returns, the hook is not running
+    /// and is never called again (a hook may remove itself), so whatever it uses may be dropped.
     pub fn remove_oom_hook(&self, id: HookId) -> bool {
-        let mut list = self.hooks.list.lock();
-        let before = list.len();
-        list.retain(|(i, _)| *i != id.0);
-        list.len() != before
+        self.hooks.remove(id)
     }
 
     pub fn stats(&self, device: usize) -> Result<Stats> {

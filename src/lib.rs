@@ -7,7 +7,8 @@
 //! 3. `pool`: size classes for small requests, best-fit blocks for large ones.
 //! 4. `device`: one allocator per device: streams and events, limits, the OOM sequence, stats,
 //!    invariants.
-//! 5. [`Tessera`]: the front, dispatching by device and finding allocations by pointer.
+//! 5. [`Tessera`]: the front, dispatching by device and finding allocations by pointer; [`global()`]
+//!    is the process-wide one that the C ABI serves.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod allocator;
@@ -16,6 +17,10 @@ pub mod config;
 mod device;
 pub mod driver;
 pub mod error;
+// The process-wide allocator holds statics and an exit handler, outside loom's models.
+#[cfg(not(loom))]
+pub mod global;
+mod hooks;
 mod pages;
 mod pool;
 // The replay is single-threaded tooling over the simulated device, outside loom's models.
@@ -25,10 +30,14 @@ pub mod stats;
 pub(crate) mod sync;
 mod trace_log;
 
-pub(crate) use allocator::{AddressMap, Hooks};
-pub use allocator::{Allocation, HookId, OomHook, Tessera};
+pub(crate) use allocator::AddressMap;
+pub use allocator::{Allocation, Tessera};
 pub use config::{Backend, Config};
 pub use error::{Error, OomReport, Result};
+#[cfg(not(loom))]
+pub use global::{configure_global, global};
+pub(crate) use hooks::Hooks;
+pub use hooks::{HookId, OomHook};
 pub use stats::{BlockInfo, BlockStateInfo, SegmentInfo, SegmentKind, Snapshot, Stats};
 pub use trace_log::TRACE_ENV_VAR;
 

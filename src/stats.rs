@@ -6,6 +6,7 @@
 //! segment and block, for debugging and for PyTorch's `memory_snapshot()`.
 
 use crate::driver::{DevicePtr, Stream};
+use serde::Serialize;
 
 /// Running counters of one device (kept under its lock).
 #[derive(Clone, Debug, Default)]
@@ -26,6 +27,7 @@ pub(crate) struct Counters {
     pub(crate) released_bytes: u64,
     pub(crate) hook_calls: u64,
     pub(crate) ooms: u64,
+    pub(crate) alloc_retries: u64,
     pub(crate) invalid_frees: u64,
     pub(crate) driver_errors: u64,
     pub(crate) last_driver_error: Option<String>,
@@ -65,7 +67,7 @@ impl Counters {
 }
 
 /// The statistics of one device at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Stats {
     /// Bytes in live allocations (rounded sizes: 512 B steps, or the size class).
     pub allocated_bytes: u64,
@@ -95,6 +97,9 @@ pub struct Stats {
     pub pool_pages: u64,
     pub allocations: u64,
     pub frees: u64,
+    /// Bytes allocated since the start (rounded sizes); bytes freed since the start are
+    /// `allocated_bytes_total - allocated_bytes`.
+    pub allocated_bytes_total: u64,
     /// Pages unmapped from one place and mapped at another.
     pub remaps: u64,
     /// Times the cache was released to the driver, and the bytes released.
@@ -102,6 +107,8 @@ pub struct Stats {
     pub released_bytes: u64,
     pub hook_calls: u64,
     pub ooms: u64,
+    /// Requests that released the cache to the driver and retried (PyTorch's `num_alloc_retries`).
+    pub alloc_retries: u64,
     /// Frees of unknown pointers and double frees (rejected, nothing changed).
     pub invalid_frees: u64,
     /// Driver errors that did not fail an operation (a fence for memory the request did not
@@ -114,7 +121,8 @@ pub struct Stats {
 }
 
 /// What a block in a snapshot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum BlockStateInfo {
     Allocated,
     Free,
@@ -123,7 +131,7 @@ pub enum BlockStateInfo {
 }
 
 /// One block in a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BlockInfo {
     pub address: DevicePtr,
     pub size: u64,
@@ -133,7 +141,8 @@ pub struct BlockInfo {
 }
 
 /// What a segment in a snapshot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SegmentKind {
     /// A contiguous run of mapped pages holding large blocks (VMM backend).
     Large,
@@ -144,7 +153,7 @@ pub enum SegmentKind {
 }
 
 /// One segment in a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SegmentInfo {
     pub address: DevicePtr,
     pub size: u64,
@@ -154,7 +163,7 @@ pub struct SegmentInfo {
 }
 
 /// Every segment and block of one device.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Snapshot {
     pub device: usize,
     pub page_size: u64,

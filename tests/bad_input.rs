@@ -339,7 +339,7 @@ fn allocation_finds_base_and_size_from_any_interior_pointer() {
 #[test]
 fn bad_fractions_and_limits_are_errors() {
     let (_sim, t) = sim_alloc(64 * MIB, Config::default());
-    for f in [1.5, 0.0, -0.25, f64::NAN, f64::INFINITY] {
+    for f in [1.5, -0.25, f64::NAN, f64::INFINITY] {
         let e = t.set_memory_fraction(0, f).unwrap_err();
         assert!(matches!(e, Error::Config(_)), "{f}: {e:?}");
         assert!(e.to_string().contains("fraction"), "{e}");
@@ -347,6 +347,14 @@ fn bad_fractions_and_limits_are_errors() {
     assert_eq!(t.stats(0).unwrap().limit_bytes, None, "nothing was set");
     t.set_memory_fraction(0, 1.0).unwrap();
     assert_eq!(t.stats(0).unwrap().limit_bytes, Some(64 * MIB));
+    // PyTorch allows 0: no new memory at all.
+    t.set_memory_fraction(0, 0.0).unwrap();
+    assert_eq!(t.stats(0).unwrap().limit_bytes, Some(0));
+    assert!(t
+        .allocate(0, MIB, Stream::DEFAULT)
+        .unwrap_err()
+        .is_out_of_memory());
+    t.set_memory_fraction(0, 1.0).unwrap();
     // A fraction in a Config is checked when the allocator is made.
     let sim = Arc::new(SimDriver::with_capacity(64 * MIB));
     let bad = Config {

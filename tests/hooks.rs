@@ -411,6 +411,64 @@ fn removed_hooks_are_not_called() {
     assert_eq!(counts[1].load(Ordering::SeqCst), 2);
     assert_eq!(t.stats(0).unwrap().hook_calls, 3);
     assert_eq!(t.stats(0).unwrap().ooms, 3);
+    // Each failed request released the cache and retried before calling the hooks.
+    assert_eq!(t.stats(0).unwrap().alloc_retries, 3);
+}
+
+#[test]
+fn removing_a_hook_waits_for_its_call_in_progress() {
+    // A C caller frees a hook's `user` data right after removing it: the removal must not return
+    // while the hook still runs.
+    let (_sim, t, _tr, _blocks) = full_device(Config::default());
+    let (started_tx, started_rx) = mpsc::channel::<()>();
+    let started_tx = Mutex::new(started_tx);
+    let removing = Arc::new(AtomicU64::new(0));
+    let finished = Arc::new(AtomicU64::new(0));
+    let (r2, f2) = (removing.clone(), finished.clone());
+    let id = t.add_oom_hook(move |_, _| {
+        let _ = started_tx.lock().unwrap().send(());
+        while r2.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // Long enough that a removal which does not wait returns first.
+        std::thread::sleep(Duration::from_millis(100));
+        f2.store(1, Ordering::SeqCst);
+    });
+    let t2 = t.clone();
+    let failing = std::thread::spawn(move || t2.allocate(0, 2 * MIB, S));
+    started_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    removing.store(1, Ordering::SeqCst);
+    let t3 = t.clone();
+    assert!(within(60, move || t3.remove_oom_hook(id)));
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "remove_oom_hook returned while the hook was still running"
+    );
+    assert!(failing.join().unwrap().is_err());
+    let err = t.allocate(0, 2 * MIB, S).unwrap_err();
+    assert_eq!(oom_report(&err).hooks_called, 0, "never called again");
+}
+
+#[test]
+fn a_hook_may_remove_itself() {
+    let (_sim, t, _tr, _blocks) = full_device(Config::default());
+    let weak: Arc<Mutex<Weak<Tessera>>> = shared(Weak::new());
+    let me = Arc::new(AtomicU64::new(u64::MAX));
+    let calls = Arc::new(AtomicU64::new(0));
+    let (w2, m2, c2) = (weak.clone(), me.clone(), calls.clone());
+    let id = t.add_oom_hook(move |_, _| {
+        c2.fetch_add(1, Ordering::SeqCst);
+        if let Some(t) = w2.lock().unwrap().upgrade() {
+            assert!(t.remove_oom_hook(tessera::HookId(m2.load(Ordering::SeqCst))));
+        }
+    });
+    me.store(id.0, Ordering::SeqCst);
+    *weak.lock().unwrap() = Arc::downgrade(&t);
+    let t2 = t.clone();
+    assert!(within(60, move || t2.allocate(0, 2 * MIB, S)).is_err());
+    assert!(t.allocate(0, 2 * MIB, S).is_err());
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
 
 #[test]

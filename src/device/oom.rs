@@ -70,6 +70,7 @@ impl DeviceAllocator {
             }
             // 2. Release the cache to the driver, retry.
             st.release_cache()?;
+            st.c.alloc_retries += 1;
             if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
                 return Ok(p);
             }
@@ -85,8 +86,7 @@ impl DeviceAllocator {
                 {
                     let _scope = HookScope::enter();
                     for hook in &hooks {
-                        hook(self.dev, requested);
-                        hooks_called += 1;
+                        hooks_called += u32::from(hook.call(self.dev, requested));
                     }
                 }
                 st = self.state.lock();

@@ -39,7 +39,7 @@ use std::fmt;
 pub type DevicePtr = u64;
 
 /// A CUDA stream handle (`CUstream` as an integer). `Stream(0)` is the legacy default stream.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Stream(pub u64);
 
 impl Stream {

@@ -1,0 +1,323 @@
+//! The C ABI from C and C++: compiles `tests/c/abi_test.c` (gcc, C11) and
+//! `tests/c/torch_malloc_test.cpp` (g++, C++17) against `include/tessera.h`, links them to the
+//! `libtessera.so` of this build, and runs them on the simulated device. Each program checks real
+//! behaviour (patterns in every live allocation, exact stats, error codes, the C++ exception) and
+//! exits non-zero with a message at its first failure; this test prints that output and fails.
+//!
+//! # Where the library comes from
+//! Cargo does not build a package's `cdylib` before running that package's integration tests: a
+//! test only depends on a *linkable* library (rlib/dylib), and `tessera-ffi` is `cdylib` only
+//! (rust-lang/cargo#8311). A fresh `cargo test` therefore has no `libtessera.so`, and an old one may
+//! be stale. So this test runs `cargo build -p tessera-ffi --lib` itself, once per test binary, with
+//! the profile, target directory and target triple this binary was built with (read from its own
+//! path, `<target-dir>/[<triple>/]<profile>/deps/<test>`), and takes the library's path from
+//! cargo's JSON artifact messages. That build is a no-op when the library is fresh. Cargo releases
+//! its build-directory lock before it runs test binaries (checked with cargo 1.95), so the nested
+//! build does not deadlock; should a cargo ever hold it, the nested build would wait on "Blocking
+//! waiting for file lock", and the watchdog below fails the test after 20 minutes saying so.
+//!
+//! `TESSERA_FFI_LIB=/path/to/libtessera.so` skips the nested build and uses that library.
+//!
+//! # Needs
+//! `gcc` and `g++` on PATH (or `CC`/`CXX`); a missing compiler fails the test (CI has both).
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The simulated machine both programs expect.
+const SIM: &str = "devices:2,capacity:64MiB,granularity:2MiB";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("ffi/ has a parent")
+        .to_path_buf()
+}
+
+/// Runs `cmd` to completion with a time limit, collecting stdout and stderr.
+fn run_with_limit(mut cmd: Command, limit: Duration, what: &str) -> (ExitStatus, String, String) {
+    let mut child: Child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: cannot start {cmd:?}: {e}"));
+    let mut out = child.stdout.take().expect("piped stdout");
+    let mut err = child.stderr.take().expect("piped stderr");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = out.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = err.read_to_end(&mut s);
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("waiting for a child") {
+            break Some(status);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stdout = out_reader.join().unwrap_or_default();
+    let stderr = err_reader.join().unwrap_or_default();
+    match status {
+        Some(s) => (s, stdout, stderr),
+        None => panic!(
+            "{what}: still running after {} s, killed.\n--- command: {cmd:?}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
+            limit.as_secs()
+        ),
+    }
+}
+
+/// Where this test binary was built: (target dir, target triple if cross-building, profile dir
+/// name), from `<target-dir>/[<triple>/]<profile>/deps/<this test>`.
+fn build_layout() -> (PathBuf, Option<String>, String) {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let deps = exe.parent().expect("the test binary is in a directory");
+    assert!(
+        deps.file_name().is_some_and(|n| n == "deps"),
+        "this test binary is not in <target-dir>/<profile>/deps ({}): cannot tell which \
+         libtessera.so belongs to this build; set TESSERA_FFI_LIB=/path/to/libtessera.so",
+        exe.display()
+    );
+    let profile_dir = deps.parent().expect("deps has a parent");
+    let profile = profile_dir
+        .file_name()
+        .expect("a profile directory name")
+        .to_string_lossy()
+        .into_owned();
+    let above = profile_dir.parent().expect("the profile dir has a parent");
+    // Cargo marks the root of every target directory with CACHEDIR.TAG; with --target the profile
+    // directory sits one level further down, under the triple.
+    if above.join("CACHEDIR.TAG").exists() {
+        (above.to_path_buf(), None, profile)
+    } else {
+        let triple = above.file_name().map(|n| n.to_string_lossy().into_owned());
+        let root = above.parent().expect("a target directory above the triple");
+        (root.to_path_buf(), triple, profile)
+    }
+}
+
+/// `libtessera.so` of this build: built (or found fresh) by a nested `cargo build`.
+fn library() -> &'static Path {
+    static LIB: OnceLock<PathBuf> = OnceLock::new();
+    LIB.get_or_init(|| {
+        if let Some(path) = std::env::var_os("TESSERA_FFI_LIB") {
+            let path = PathBuf::from(path);
+            assert!(
+                path.is_file(),
+                "TESSERA_FFI_LIB={} is not a file",
+                path.display()
+            );
+            return path;
+        }
+        let (target_dir, triple, profile_dir) = build_layout();
+        // The profile whose output directory is `profile_dir`: dev -> debug, test -> debug,
+        // release/bench -> release, a custom profile -> its own name.
+        let profile = match profile_dir.as_str() {
+            "debug" => "dev",
+            other => other,
+        };
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.arg("build")
+            .arg("--manifest-path")
+            .arg(repo_root().join("Cargo.toml"))
+            .args(["-p", "tessera-ffi", "--lib", "--profile", profile])
+            .arg("--target-dir")
+            .arg(&target_dir)
+            .arg("--message-format=json-render-diagnostics");
+        if let Some(t) = &triple {
+            cmd.args(["--target", t]);
+        }
+        let (status, stdout, stderr) = run_with_limit(
+            cmd,
+            Duration::from_secs(20 * 60),
+            "the nested `cargo build -p tessera-ffi` (if its stderr says \"Blocking waiting for \
+             file lock\", this cargo holds the build lock while tests run: build the library \
+             first and set TESSERA_FFI_LIB)",
+        );
+        assert!(
+            status.success(),
+            "`cargo build -p tessera-ffi --lib --profile {profile}` failed ({status}):\n{stderr}"
+        );
+        let lib = cdylib_from_messages(&stdout).unwrap_or_else(|| {
+            panic!(
+                "`cargo build -p tessera-ffi` reported no cdylib artifact.\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}"
+            )
+        });
+        assert!(lib.is_file(), "cargo reported {} but it is not there", lib.display());
+        lib
+    })
+}
+
+/// The `.so` of tessera-ffi's cdylib, from cargo's `--message-format=json` lines.
+fn cdylib_from_messages(stdout: &str) -> Option<PathBuf> {
+    stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact")
+        .filter(|m| {
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "cdylib"))
+        })
+        .flat_map(|m| {
+            m["filenames"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+        })
+        .filter_map(|f| f.as_str().map(PathBuf::from))
+        .find(|f| {
+            f.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libtessera.so"))
+        })
+}
+
+/// The directory compiled programs go to (per profile, so that two builds never share one).
+fn out_dir() -> PathBuf {
+    let (_, triple, profile) = build_layout_or_default();
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join("c-programs")
+        .join(triple.unwrap_or_default())
+        .join(profile);
+    std::fs::create_dir_all(&dir).expect("creating the output directory");
+    dir
+}
+
+fn build_layout_or_default() -> (PathBuf, Option<String>, String) {
+    if std::env::var_os("TESSERA_FFI_LIB").is_some() {
+        (PathBuf::new(), None, "given-lib".into())
+    } else {
+        build_layout()
+    }
+}
+
+/// Compiles one program with `compiler` (gcc or g++; `CC`/`CXX` override) and returns its path.
+fn compile(compiler_env: &str, default: &str, std_flag: &str, source: &str, name: &str) -> PathBuf {
+    let lib = library();
+    let lib_dir = lib.parent().expect("the library's directory");
+    let root = repo_root();
+    let exe = out_dir().join(name);
+    let compiler = std::env::var(compiler_env).unwrap_or_else(|_| default.to_string());
+    let mut cmd = Command::new(&compiler);
+    cmd.args([
+        std_flag,
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-pedantic",
+        "-O2",
+        "-g",
+        "-pthread",
+    ])
+    .arg("-I")
+    .arg(root.join("include"))
+    .arg(root.join(source))
+    .arg("-L")
+    .arg(lib_dir)
+    .arg("-ltessera")
+    .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+    .arg("-o")
+    .arg(&exe);
+    let output = match cmd.output() {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+            "`{compiler}` was not found on PATH. This test compiles {source} against \
+             libtessera.so and needs gcc and g++ (CI has them; on Debian/Ubuntu: \
+             apt-get install gcc g++)."
+        ),
+        Err(e) => panic!("cannot run `{compiler}`: {e}"),
+    };
+    assert!(
+        output.status.success(),
+        "compiling {source} failed ({}):\n--- command: {cmd:?}\n--- stderr:\n{}\n--- stdout:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+        String::from_utf8_lossy(&output.stdout),
+    );
+    exe
+}
+
+fn abi_test() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| compile("CC", "gcc", "-std=c11", "tests/c/abi_test.c", "abi_test"))
+}
+
+fn torch_malloc_test() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        compile(
+            "CXX",
+            "g++",
+            "-std=c++17",
+            "tests/c/torch_malloc_test.cpp",
+            "torch_malloc_test",
+        )
+    })
+}
+
+/// Runs a compiled program on the simulated device: (status, stdout, stderr).
+fn run_on_sim(exe: &Path, sim: &str) -> (ExitStatus, String, String) {
+    let mut cmd = Command::new(exe);
+    cmd.env("TESSERA_DRIVER", "sim")
+        .env("TESSERA_SIM", sim)
+        // The programs configure tessera themselves; none of the caller's settings may leak in.
+        .env_remove("TESSERA_CONF")
+        .env_remove("TESSERA_TRACE")
+        // The rpath names the library of this build; cargo's LD_LIBRARY_PATH must not override it.
+        .env_remove("LD_LIBRARY_PATH")
+        .current_dir(out_dir());
+    run_with_limit(cmd, Duration::from_secs(300), &exe.display().to_string())
+}
+
+fn assert_passes(exe: &Path, ok_line: &str) {
+    let (status, stdout, stderr) = run_on_sim(exe, SIM);
+    assert!(
+        status.success() && stdout.contains(ok_line),
+        "{} failed ({status}) on TESSERA_SIM={SIM}, library {}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
+        exe.display(),
+        library().display(),
+    );
+    // Shown with `cargo test -- --nocapture`.
+    print!("{stdout}");
+}
+
+#[test]
+fn c_abi_test_passes_on_the_simulated_device() {
+    assert_passes(abi_test(), "abi_test: OK");
+}
+
+#[test]
+fn cpp_torch_malloc_test_passes_on_the_simulated_device() {
+    assert_passes(torch_malloc_test(), "torch_malloc_test: OK");
+}
+
+/// The harness sees a failing program: on a machine unlike the one it expects, abi_test must
+/// stop with exit status 1 and say where.
+#[test]
+fn a_failing_check_fails_the_program() {
+    let (status, stdout, stderr) =
+        run_on_sim(abi_test(), "devices:1,capacity:64MiB,granularity:2MiB");
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "abi_test on a 1-device machine should fail with status 1\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("abi_test: FAIL") && stderr.contains("tessera_device_count()"),
+        "the failure message does not say what failed:\n{stderr}"
+    );
+}
