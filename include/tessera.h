@@ -24,6 +24,12 @@
 typedef struct CUstream_st *cudaStream_t;
 
 /**
+ * `tessera_stats.limit_bytes` when no limit is in force, and the `tessera_set_limit` value that
+ * removes the byte limit.
+ */
+#define TESSERA_NO_LIMIT UINT64_MAX
+
+/**
  * No error.
  */
 #define TESSERA_OK 0
@@ -162,7 +168,8 @@ typedef struct tessera_stats {
    */
   uint64_t driver_errors;
   /**
-   * The reserved-bytes limit in force; 0 when there is none.
+   * The reserved-bytes limit in force (a byte limit, a memory fraction, or the smaller of the
+   * two); `TESSERA_NO_LIMIT` when there is none. (0 is a real limit: no new memory.)
    */
   uint64_t limit_bytes;
   /**
@@ -253,8 +260,9 @@ void tessera_reset(void);
 void tessera_set_memory_fraction(double fraction, int device);
 
 /**
- * Limits the memory `device` may reserve to `bytes`; 0 removes the limit. Returns 0 or an error
- * code.
+ * Limits the memory `device` may reserve to `bytes` (0: no new memory at all);
+ * `TESSERA_NO_LIMIT` removes the byte limit. A memory fraction is a separate cap: the smaller of
+ * the two is in force. Returns 0 or an error code.
  */
 int tessera_set_limit(int device, uint64_t bytes);
 
@@ -265,8 +273,8 @@ int tessera_set_limit(int device, uint64_t bytes);
 void tessera_record_stream(void *ptr, cudaStream_t stream);
 
 /**
- * The start of the live allocation holding `ptr` (which may point inside it), with its size in
- * `*size` when `size` is not NULL. NULL and an error for a pointer tessera did not hand out.
+ * The start of the live allocation holding `ptr` (which may point inside it), with its size
+ * (rounded up as tessera holds it, e.g. 1000 B gives 1024) in `*size` when `size` is not NULL. NULL and an error for a pointer tessera did not hand out.
  * PyTorch's `base_alloc_fn`.
  *
  * # Safety

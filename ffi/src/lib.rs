@@ -213,13 +213,19 @@ pub extern "C" fn tessera_set_memory_fraction(fraction: c_double, device: c_int)
     })
 }
 
-/// Limits the memory `device` may reserve to `bytes`; 0 removes the limit. Returns 0 or an error
-/// code.
+/// `tessera_stats.limit_bytes` when no limit is in force, and the `tessera_set_limit` value that
+/// removes the byte limit.
+pub const TESSERA_NO_LIMIT: u64 = u64::MAX;
+
+/// Limits the memory `device` may reserve to `bytes` (0: no new memory at all);
+/// `TESSERA_NO_LIMIT` removes the byte limit. A memory fraction is a separate cap: the smaller of
+/// the two is in force. Returns 0 or an error code.
 #[no_mangle]
 pub extern "C" fn tessera_set_limit(device: c_int, bytes: u64) -> c_int {
     status(|| {
         let t = allocator()?;
-        Ok(t.set_limit(device_index(t, device)?, (bytes != 0).then_some(bytes))?)
+        let limit = (bytes != TESSERA_NO_LIMIT).then_some(bytes);
+        Ok(t.set_limit(device_index(t, device)?, limit)?)
     })
 }
 
@@ -232,8 +238,8 @@ pub extern "C" fn tessera_record_stream(ptr: *mut c_void, stream: cudaStream_t) 
     })
 }
 
-/// The start of the live allocation holding `ptr` (which may point inside it), with its size in
-/// `*size` when `size` is not NULL. NULL and an error for a pointer tessera did not hand out.
+/// The start of the live allocation holding `ptr` (which may point inside it), with its size
+/// (rounded up as tessera holds it, e.g. 1000 B gives 1024) in `*size` when `size` is not NULL. NULL and an error for a pointer tessera did not hand out.
 /// PyTorch's `base_alloc_fn`.
 ///
 /// # Safety

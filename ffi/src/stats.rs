@@ -58,7 +58,8 @@ pub struct tessera_stats {
     pub invalid_frees: u64,
     /// Driver errors that did not fail an operation.
     pub driver_errors: u64,
-    /// The reserved-bytes limit in force; 0 when there is none.
+    /// The reserved-bytes limit in force (a byte limit, a memory fraction, or the smaller of the
+    /// two); `TESSERA_NO_LIMIT` when there is none. (0 is a real limit: no new memory.)
     pub limit_bytes: u64,
     /// The physical page (allocation granularity) tessera maps.
     pub page_size: u64,
@@ -95,7 +96,7 @@ impl tessera_stats {
             ooms: s.ooms,
             invalid_frees: s.invalid_frees,
             driver_errors: s.driver_errors,
-            limit_bytes: s.limit_bytes.unwrap_or(0),
+            limit_bytes: s.limit_bytes.unwrap_or(crate::TESSERA_NO_LIMIT),
             page_size: s.page_size,
             alloc_retries: s.alloc_retries,
         }

@@ -56,6 +56,10 @@ class LibraryNotFoundError(FileNotFoundError):
     """No libtessera.so in any of the places :func:`find_library` looks."""
 
 
+#: ``TESSERA_NO_LIMIT``: ``limit_bytes`` when no limit is in force.
+NO_LIMIT = 2**64 - 1
+
+
 class Stats(ctypes.Structure):
     """``struct tessera_stats``: every field a uint64_t, in the header's order."""
 
@@ -281,12 +285,14 @@ class Library:
         self._call_checked("tessera_reset")
 
     def set_memory_fraction(self, fraction: float, device: int) -> None:
-        """Limits ``device`` to ``fraction`` (in (0, 1]) of its memory."""
+        """Limits ``device`` to ``fraction`` (in [0, 1], as PyTorch allows) of its memory."""
         self._call_checked("tessera_set_memory_fraction", fraction, device)
 
-    def set_limit(self, device: int, limit_bytes: int) -> None:
-        """Limits the bytes ``device`` may reserve (0: no limit)."""
-        self._check_code(self.cdll.tessera_set_limit(device, limit_bytes))
+    def set_limit(self, device: int, limit_bytes: Optional[int]) -> None:
+        """Limits the bytes ``device`` may reserve (0: no new memory); None removes the byte
+        limit (a memory fraction stays: the smaller of the two is in force)."""
+        limit = NO_LIMIT if limit_bytes is None else limit_bytes
+        self._check_code(self.cdll.tessera_set_limit(device, limit))
 
     def record_stream(self, ptr: int, stream: Optional[int]) -> None:
         """Marks the allocation holding ``ptr`` as used on ``stream``."""
@@ -325,7 +331,7 @@ class Library:
         for name, _ in Stats._fields_[1:]:
             if getattr(Stats, name).offset < raw.size:
                 result[name] = getattr(raw, name)
-        if result.get("limit_bytes") == 0:
+        if result.get("limit_bytes") == NO_LIMIT:
             result["limit_bytes"] = None
         return result
 

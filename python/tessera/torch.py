@@ -281,7 +281,6 @@ def memory_stats_as_nested_dict(device: Device = None) -> dict[str, Any]:
                 "cached_free_bytes",
                 "remaps",
                 "page_size",
-                "limit_bytes",
                 "invalid_frees",
                 "driver_errors",
                 "cache_releases",
@@ -289,7 +288,9 @@ def memory_stats_as_nested_dict(device: Device = None) -> dict[str, Any]:
                 "mapped_pages",
                 "pool_pages",
             )
-        },
+        }
+        # -1: no limit (0 is a real one: no new memory).
+        | {"limit_bytes": -1 if s.get("limit_bytes") is None else s["limit_bytes"]},
     }
 
 

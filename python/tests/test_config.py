@@ -111,3 +111,27 @@ def test_cuda_driver_without_a_gpu_fails_cleanly():
     if out["count"][0] == "ok":
         pytest.skip(f"a CUDA device is present ({out['count'][1]} device(s))")
     assert out["count"][0] == "DRIVER" and out["malloc"][0] == "DRIVER"
+
+
+def test_trace_is_flushed_at_exit(tmp_path):
+    """TESSERA_TRACE through the library: every event is in the file once the process exits
+    normally, without any explicit flush (an exit handler writes the buffer out)."""
+    trace = tmp_path / "run-%p.csv"
+    result = check(
+        run_python(
+            """
+            import os, tessera
+            lib = tessera.load()
+            ptrs = [lib.malloc(n, 1) for n in (4096, 3 << 20, 700)]
+            for p in ptrs:
+                lib.free(p, 1)
+            print(os.getpid())
+            """,
+            {"TESSERA_TRACE": str(trace)},
+        )
+    )
+    pid = result.split()[-1]
+    lines = (tmp_path / f"run-{pid}.csv").read_text().splitlines()
+    events = [line for line in lines if not line.startswith("#")]
+    assert [e.split(",")[0] for e in events] == ["a", "a", "a", "f", "f", "f"], lines
+    assert [int(e.split(",")[2]) for e in events[:3]] == [4096, 3 << 20, 700]

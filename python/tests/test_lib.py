@@ -184,13 +184,13 @@ def test_limit_and_memory_fraction(lib):
         assert error.value.message.startswith("CUDA out of memory.")
         lib.set_limit(DEV, 128 * MiB)
         assert lib.stats(DEV)["limit_bytes"] == 128 * MiB
-        lib.set_limit(DEV, 0)
+        lib.set_limit(DEV, None)
         assert lib.stats(DEV)["limit_bytes"] == 256 * MiB
         lib.set_memory_fraction(1.0, DEV)
         lib.free(lib.malloc(300 * MiB, DEV), DEV)
     finally:
         lib.set_memory_fraction(1.0, DEV)
-        lib.set_limit(DEV, 0)
+        lib.set_limit(DEV, None)
         lib.empty_cache(DEV)
 
 

@@ -224,7 +224,7 @@ def test_memory_stats_answer_from_tessera(state, lib):
             "tessera.invalid_frees": s["invalid_frees"],
             "tessera.cache_releases": s["cache_releases"],
             "tessera.remaps": s["remaps"],
-            "tessera.limit_bytes": s["limit_bytes"] or 0,
+            "tessera.limit_bytes": -1 if s["limit_bytes"] is None else s["limit_bytes"],
         }
         assert {key: ms[key] for key in expected} == expected
         assert s["requested_bytes"] >= 13 * MiB + 701 and s["active_blocks"] >= 3

@@ -329,7 +329,7 @@ static uint64_t live_requested(int dev, uint64_t *count) {
 }
 
 /* The limit each device's stats must report (0: none). */
-static uint64_t expected_limit[NDEV];
+static uint64_t expected_limit[NDEV] = {TESSERA_NO_LIMIT, TESSERA_NO_LIMIT};
 
 /* What must hold of any device's stats at any moment, given what this program holds live. */
 static void check_stats_consistent(int dev) {
@@ -382,7 +382,7 @@ static void check_stats_consistent(int dev) {
   CHECK(s.limit_bytes == expected_limit[dev],
         "device %d: limit_bytes %" PRIu64 ", expected %" PRIu64, dev, s.limit_bytes,
         expected_limit[dev]);
-  if (s.limit_bytes)
+  if (s.limit_bytes != TESSERA_NO_LIMIT)
     CHECK(s.reserved_bytes <= s.limit_bytes || s.reserved_bytes == s.peak_reserved_bytes,
           "device %d: reserved %" PRIu64 " above the limit %" PRIu64, dev, s.reserved_bytes,
           s.limit_bytes);
@@ -557,6 +557,7 @@ static void phase_devices(void) {
     memset(&zero, 0, sizeof zero);
     zero.size = sizeof zero;
     zero.page_size = PAGE;
+    zero.limit_bytes = TESSERA_NO_LIMIT;
     expect_same_except(&zero, &s, "", "a device no one has used");
     CHECK(tessera_check_invariants(d) == 0, "check_invariants(%d) on a fresh device", d);
   }
@@ -1024,8 +1025,8 @@ static void phase_limits(void) {
   CHECK(strstr(tessera_last_error(), "limit") != NULL,
         "an OOM at the limit should mention the limit: \"%s\"", tessera_last_error());
   CHECK(stats(1).reserved_bytes <= 16 * MIB, "reserved past the 16 MiB limit");
-  CHECK(tessera_set_limit(1, 0) == 0, "set_limit(1, 0) removes the limit");
-  expected_limit[1] = 0;
+  CHECK(tessera_set_limit(1, TESSERA_NO_LIMIT) == 0, "set_limit(1, TESSERA_NO_LIMIT) removes the limit");
+  expected_limit[1] = TESSERA_NO_LIMIT;
   alloc_ok(8 * MIB, 1, STREAM_A);
   free_all_on(1);
   (void)p;
@@ -1045,7 +1046,7 @@ static void phase_limits(void) {
   /* A byte limit and a fraction: the smaller applies. */
   CHECK(tessera_set_limit(1, 8 * MIB) == 0 && stats(1).limit_bytes == 8 * MIB,
         "limit 8 MiB under fraction 0.5: limit_bytes %" PRIu64, stats(1).limit_bytes);
-  CHECK(tessera_set_limit(1, 0) == 0, "set_limit(1, 0)");
+  CHECK(tessera_set_limit(1, TESSERA_NO_LIMIT) == 0, "set_limit(1, TESSERA_NO_LIMIT)");
   tessera_set_memory_fraction(1.0, 1);
   expected_limit[1] = CAPACITY; /* a fraction stays; 1.0 is the whole device */
   alloc_ok(16 * MIB, 1, STREAM_B);
@@ -1195,7 +1196,7 @@ static void phase_bad_input(void) {
   tessera_clear_last_error();
   tessera_set_memory_fraction(NAN, 0);
   EXPECT_ERROR(TESSERA_ERROR_INVALID_ARGUMENT, "set_memory_fraction(NaN)");
-  CHECK(stats(0).limit_bytes == 0, "a refused memory fraction set a limit");
+  CHECK(stats(0).limit_bytes == TESSERA_NO_LIMIT, "a refused memory fraction set a limit");
 
   tessera_clear_last_error();
   tessera_record_stream(host_thing, STREAM_A);
