@@ -152,8 +152,20 @@ impl Tessera {
         self.devices.len()
     }
 
-    /// The allocator of `device`, created on first use.
+    /// The allocator of `device`, created on first use. Inlined: on the hot path the device exists,
+    /// and the (large) `Result` never goes through memory.
+    #[inline]
     fn device(&self, device: usize) -> Result<&Arc<DeviceAllocator>> {
+        match self.devices.get(device).and_then(OnceLock::get) {
+            Some(d) => Ok(d),
+            None => self.device_slow(device),
+        }
+    }
+
+    /// A bad index, or a device used for the first time.
+    #[cold]
+    #[inline(never)]
+    fn device_slow(&self, device: usize) -> Result<&Arc<DeviceAllocator>> {
         let cell = self.devices.get(device).ok_or(Error::InvalidDevice {
             device: device as i64,
             count: self.devices.len(),

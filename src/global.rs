@@ -53,6 +53,7 @@ static GLOBAL: OnceLock<Result<Tessera>> = OnceLock::new();
 /// let p = t.allocate(0, 4096, tessera::driver::Stream::DEFAULT).unwrap();
 /// t.free(0, p).unwrap();
 /// ```
+#[inline]
 pub fn global() -> Result<&'static Tessera> {
     GLOBAL.get_or_init(create).as_ref().map_err(Clone::clone)
 }

@@ -61,11 +61,13 @@ pub type tessera_oom_hook = Option<
     unsafe extern "C-unwind" fn(device: c_int, requested: usize, user: *mut c_void) -> usize,
 >;
 
+#[inline]
 fn allocator() -> FfiResult<&'static Tessera> {
     Ok(tessera_core::global()?)
 }
 
 /// A device index from C: negative or too large is an invalid device.
+#[inline]
 fn device_index(t: &Tessera, device: c_int) -> FfiResult<usize> {
     usize::try_from(device)
         .ok()

@@ -7,7 +7,7 @@
 //! - The library writes `min(caller's size, its size)` bytes, rounded down to whole fields, and
 //!   sets `size` to that count.
 
-use crate::error::{FfiError, FfiResult};
+use super::error::{FfiError, FfiResult};
 use tessera_core::Stats;
 
 /// The statistics of one device (see `tessera_get_stats`). Set `size` to `sizeof(tessera_stats)`
@@ -96,7 +96,7 @@ impl tessera_stats {
             ooms: s.ooms,
             invalid_frees: s.invalid_frees,
             driver_errors: s.driver_errors,
-            limit_bytes: s.limit_bytes.unwrap_or(crate::TESSERA_NO_LIMIT),
+            limit_bytes: s.limit_bytes.unwrap_or(super::TESSERA_NO_LIMIT),
             page_size: s.page_size,
             alloc_retries: s.alloc_retries,
         }

@@ -39,7 +39,8 @@ use crate::stats::Counters;
 use crate::sync::{Arc, Mutex};
 use crate::{AddressMap, Hooks};
 use fences::Fences;
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap as HashMap;
+use std::collections::BTreeMap;
 
 /// Largest request accepted at all: larger sizes are bad input, not an OOM.
 pub(crate) const MAX_REQUEST: u64 = 1 << 56;
@@ -152,8 +153,8 @@ impl DeviceAllocator {
             legacy_bytes: 0,
             fences: Fences::default(),
             seq: 0,
-            pending: HashMap::new(),
-            recorded: HashMap::new(),
+            pending: HashMap::default(),
+            recorded: HashMap::default(),
             c: Counters::default(),
             address_map,
             check: config.check_invariants,
@@ -167,6 +168,7 @@ impl DeviceAllocator {
     }
 
     /// Allocates `size` bytes for use on `stream`.
+    #[inline]
     pub(crate) fn allocate(&self, size: u64, stream: Stream) -> Result<DevicePtr> {
         let rounded = round_request(size)?;
         let mut st = self.state.lock();
@@ -178,6 +180,7 @@ impl DeviceAllocator {
     }
 
     /// Frees `ptr`, returning the bytes it held.
+    #[inline]
     pub(crate) fn free(&self, ptr: DevicePtr) -> Result<u64> {
         let mut st = self.state.lock();
         let r = st.free(ptr);
@@ -235,6 +238,7 @@ impl DeviceState {
     }
 
     /// Frees `ptr`: at once, or parked until recorded streams finish.
+    #[inline]
     pub(crate) fn free(&mut self, ptr: DevicePtr) -> Result<u64> {
         let seq = self.seq + 1;
         let recorded = if self.recorded.is_empty() {

@@ -48,6 +48,26 @@ pub(crate) struct Block {
     pub(crate) region: u64,
 }
 
+/// What `coalesce` needs of a free block that is not (yet) in the free index.
+#[derive(Clone, Copy)]
+struct Unindexed {
+    stream: Stream,
+    region: u64,
+    size: u64,
+    free_seq: u64,
+}
+
+impl Unindexed {
+    fn of(b: &Block) -> Unindexed {
+        Unindexed {
+            stream: b.stream,
+            region: b.region,
+            size: b.size,
+            free_seq: b.free_seq,
+        }
+    }
+}
+
 /// The large blocks of one device.
 #[derive(Debug, Default)]
 pub(crate) struct BlockPool {
@@ -167,7 +187,8 @@ impl BlockPool {
             block.state = BlockState::Pending;
         } else {
             block.state = BlockState::Free;
-            self.coalesce(addr);
+            let key = Unindexed::of(block);
+            self.coalesce(addr, key);
         }
         size
     }
@@ -177,7 +198,8 @@ impl BlockPool {
         let block = self.blocks.get_mut(&addr).expect("settle of a known block");
         debug_assert_eq!(block.state, BlockState::Pending);
         block.state = BlockState::Free;
-        self.coalesce(addr);
+        let key = Unindexed::of(block);
+        self.coalesce(addr, key);
     }
 
     /// Adds a new free block (fresh memory, or a stolen hole's neighbour) and merges it.
@@ -190,18 +212,17 @@ impl BlockPool {
         region: u64,
     ) -> DevicePtr {
         debug_assert!(size > 0 && size.is_multiple_of(ROUND));
-        self.blocks.insert(
-            addr,
-            Block {
-                size,
-                requested: 0,
-                state: BlockState::Free,
-                stream,
-                free_seq,
-                region,
-            },
-        );
-        self.coalesce(addr)
+        let block = Block {
+            size,
+            requested: 0,
+            state: BlockState::Free,
+            stream,
+            free_seq,
+            region,
+        };
+        let key = Unindexed::of(&block);
+        self.blocks.insert(addr, block);
+        self.coalesce(addr, key)
     }
 
     /// Gives a free block to another stream (its old stream's work on it is known to be done).
@@ -212,17 +233,21 @@ impl BlockPool {
         block.stream = stream;
         // Nothing of the old stream may be waited for any more; the new stream owns it now.
         block.free_seq = 0;
-        self.coalesce(addr)
+        let key = Unindexed::of(block);
+        self.coalesce(addr, key)
     }
 
-    /// Merges the free block at `addr` with free neighbours of its stream and region, indexes the
-    /// result, and returns its address. The block at `addr` must not be indexed under its current
-    /// stream when called with a stale entry; any entry it has is replaced.
-    fn coalesce(&mut self, addr: DevicePtr) -> DevicePtr {
-        let b = &self.blocks[&addr];
-        let (stream, region, own_size) = (b.stream, b.region, b.size);
-        let mut seq = b.free_seq;
-        self.free_index.remove(&(stream, own_size, addr));
+    /// Merges the free block at `addr` (described by `key`, read by the caller, which already
+    /// holds it: no second lookup) with free neighbours of its stream and region, indexes the
+    /// result, and returns its address. The block is not in the free index when this is called.
+    fn coalesce(&mut self, addr: DevicePtr, key: Unindexed) -> DevicePtr {
+        let Unindexed {
+            stream,
+            region,
+            size: own_size,
+            free_seq: mut seq,
+        } = key;
+        debug_assert!(!self.free_index.contains(&(stream, own_size, addr)));
         let mergeable = move |b: &Block| {
             b.state == BlockState::Free && b.stream == stream && b.region == region
         };

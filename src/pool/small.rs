@@ -26,7 +26,7 @@
 
 use crate::driver::{DevicePtr, Stream};
 use crate::pages::PageId;
-use std::collections::{BTreeMap, HashMap};
+use rustc_hash::FxHashMap as HashMap;
 
 const NO_RUN: u32 = u32::MAX;
 const NOT_LISTED: u32 = u32::MAX;
@@ -35,6 +35,9 @@ const NOT_LISTED: u32 = u32::MAX;
 #[derive(Debug, Clone)]
 pub(crate) struct SizeClasses {
     pub(crate) sizes: Vec<u64>,
+    /// `ceil(2^64 / size)` per class: the free path divides by multiplying (a 64-bit division
+    /// costs tens of cycles; see `divide`).
+    recips: Vec<u64>,
     run_units: Vec<u32>,
     /// Class of each size (index: size / 512 - 1).
     by_size: Vec<u16>,
@@ -79,11 +82,28 @@ impl SizeClasses {
             }
             by_size.push(c as u16);
         }
+        let recips = sizes
+            .iter()
+            .map(|&s| ((1u128 << 64).div_ceil(u128::from(s))) as u64)
+            .collect();
         SizeClasses {
             sizes,
+            recips,
             run_units,
             by_size,
         }
+    }
+
+    /// `(off / size, off % size == 0)` for class `class`, by one multiplication. Exact when
+    /// `off * size < 2^64`: with `m = ceil(2^64 / size)`, `off * m / 2^64` exceeds `off / size`
+    /// by less than `off / 2^64 < 1 / size`, too little to reach the next integer. Offsets lie
+    /// within a granule and sizes within a granule too, far below 2^32 each.
+    #[inline]
+    pub(crate) fn divide(&self, class: usize, off: u64) -> (u64, bool) {
+        let size = self.sizes[class];
+        debug_assert!(u128::from(off) * u128::from(size) < 1u128 << 64);
+        let q = ((u128::from(off) * u128::from(self.recips[class])) >> 64) as u64;
+        (q, q * size == off)
     }
 
     /// Run length for slot size `s`: at least one unit and room for 8 slots where the granule
@@ -176,12 +196,11 @@ pub(crate) struct SlotInfo {
 #[derive(Debug)]
 pub(crate) struct SmallPool {
     pub(crate) classes: SizeClasses,
-    pub(crate) granule_size: u64,
     unit: u64,
     units_per_granule: u32,
     granules: Vec<Option<Granule>>,
     free_granule_ids: Vec<u32>,
-    by_addr: BTreeMap<DevicePtr, u32>,
+    by_addr: GranuleIndex,
     runs: Vec<Option<Run>>,
     free_run_ids: Vec<u32>,
     streams: HashMap<Stream, StreamLists>,
@@ -193,15 +212,14 @@ impl SmallPool {
         let units_per_granule = (granule_size / unit) as u32;
         SmallPool {
             classes: SizeClasses::new(small_max, per_doubling, unit, units_per_granule),
-            granule_size,
             unit,
             units_per_granule,
             granules: Vec::new(),
             free_granule_ids: Vec::new(),
-            by_addr: BTreeMap::new(),
+            by_addr: GranuleIndex::new(granule_size),
             runs: Vec::new(),
             free_run_ids: Vec::new(),
-            streams: HashMap::new(),
+            streams: HashMap::default(),
         }
     }
 
@@ -383,7 +401,7 @@ impl SmallPool {
 
     /// Moves the empty granule at `base` to `stream` (its old stream's work on it is done).
     pub(crate) fn retag_granule(&mut self, base: DevicePtr, stream: Stream) {
-        let gid = self.by_addr[&base];
+        let gid = self.by_addr.at(base);
         let g = self.granules[gid as usize].as_mut().expect("live granule");
         debug_assert!(g.is_empty());
         let old = std::mem::replace(&mut g.stream, stream);
@@ -396,7 +414,7 @@ impl SmallPool {
 
     /// Removes the empty granule at `base` (its page is about to be unmapped or freed).
     pub(crate) fn remove_granule(&mut self, base: DevicePtr) -> Granule {
-        let gid = self.by_addr.remove(&base).expect("known granule");
+        let gid = self.by_addr.remove(base);
         let g = self.granules[gid as usize].take().expect("live granule");
         debug_assert!(g.is_empty());
         if let Some(lists) = self.streams.get_mut(&g.stream) {
@@ -409,8 +427,7 @@ impl SmallPool {
     /// The granule holding `ptr`: (base, id).
     #[inline]
     fn granule_of(&self, ptr: DevicePtr) -> Option<(DevicePtr, u32)> {
-        let (&base, &gid) = self.by_addr.range(..=ptr).next_back()?;
-        (ptr < base + self.granule_size).then_some((base, gid))
+        self.by_addr.find(ptr)
     }
 
     /// The run holding `ptr` in granule `gid` at `base`, if any.
@@ -452,12 +469,12 @@ impl SmallPool {
         };
         let run = self.runs[run_id as usize].as_mut().expect("live run");
         let size = self.classes.sizes[run.class as usize];
-        let off = ptr - run.base;
-        let slot = (off / size) as usize;
+        let (slot, exact) = self.classes.divide(run.class as usize, ptr - run.base);
+        let slot = slot as usize;
         if slot >= run.requested.len() {
             return SmallFree::Unknown;
         }
-        if !off.is_multiple_of(size) {
+        if !exact {
             return if run.requested[slot] != 0 {
                 SmallFree::Interior(run.base + slot as u64 * size)
             } else {
@@ -505,7 +522,7 @@ impl SmallPool {
     /// Every allocated slot of the granule at `base`.
     pub(crate) fn slots_in(&self, base: DevicePtr) -> Vec<SlotInfo> {
         let mut out = Vec::new();
-        let g = self.granules[self.by_addr[&base] as usize]
+        let g = self.granules[self.by_addr.at(base) as usize]
             .as_ref()
             .expect("live granule");
         let mut seen = NO_RUN;
@@ -614,7 +631,7 @@ impl SmallPool {
                     g.base, g.live_bytes, live_bytes[gid]
                 ));
             }
-            if self.by_addr.get(&g.base) != Some(&(gid as u32)) {
+            if self.by_addr.find(g.base) != Some((g.base, gid as u32)) {
                 return Err(format!("granule {:#x} is not indexed by address", g.base));
             }
             if !self
@@ -645,6 +662,73 @@ fn find_free_units(used: u64, n: u32, need: u32) -> Option<u32> {
     None
 }
 
+/// Granules by address, for the free path: which granule holds a pointer, in a few hash probes
+/// instead of an ordered-map walk, and with shifts rather than divisions. A granule at `base` is
+/// filed under `base >> shift`, where `1 << shift` is the largest power of two no larger than the
+/// granule size `size`. Granules never overlap, so their bases are at least `size >= 1 << shift`
+/// apart and no two share a key; the granule holding `ptr` starts after `ptr - size > ptr - (2 <<
+/// shift)`, so it is filed under one of the three keys up to `ptr >> shift` (two when `size` is a
+/// power of two). Bases need not be aligned (legacy segments are not).
+#[derive(Debug)]
+struct GranuleIndex {
+    map: HashMap<u64, (DevicePtr, u32)>,
+    size: u64,
+    shift: u32,
+}
+
+impl GranuleIndex {
+    fn new(size: u64) -> Self {
+        GranuleIndex {
+            map: HashMap::default(),
+            size,
+            shift: size.ilog2(),
+        }
+    }
+
+    fn insert(&mut self, base: DevicePtr, gid: u32) {
+        let old = self.map.insert(base >> self.shift, (base, gid));
+        debug_assert!(old.is_none(), "granules overlap");
+    }
+
+    fn remove(&mut self, base: DevicePtr) -> u32 {
+        let (b, gid) = self
+            .map
+            .remove(&(base >> self.shift))
+            .expect("known granule");
+        debug_assert_eq!(b, base);
+        gid
+    }
+
+    /// The id of the granule that starts at `base`.
+    fn at(&self, base: DevicePtr) -> u32 {
+        match self.map.get(&(base >> self.shift)) {
+            Some(&(b, gid)) if b == base => gid,
+            _ => panic!("no granule at {base:#x}"),
+        }
+    }
+
+    /// The granule holding `ptr`: (base, id).
+    #[inline]
+    fn find(&self, ptr: DevicePtr) -> Option<(DevicePtr, u32)> {
+        let key = ptr >> self.shift;
+        for k in (key.saturating_sub(2)..=key).rev() {
+            match self.map.get(&k) {
+                // The nearest granule starting at or below `ptr`: it holds `ptr` or none does
+                // (granules further down end before it starts).
+                Some(&(base, gid)) if base <= ptr => {
+                    return (ptr < base + self.size).then_some((base, gid));
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -661,6 +745,66 @@ mod tests {
             assert!(cls >= s);
             // Four classes per doubling: at most 25% (plus 512 B rounding) above the request.
             assert!(cls <= s + s / 4 + 512, "{s} -> {cls}");
+        }
+    }
+
+    #[test]
+    fn divide_by_multiplying_is_exact() {
+        // Every class of the widest configuration, every offset in a 1 GiB granule that matters:
+        // slot starts, one past, one before, and the granule's end.
+        let c = SizeClasses::new(64 << 20, 16, 64 << 10, 16384);
+        for (class, &size) in c.sizes.iter().enumerate() {
+            for slot in (0..(1u64 << 30) / size)
+                .step_by(97)
+                .chain([(1 << 30) / size])
+            {
+                for off in [
+                    slot * size,
+                    slot * size + 1,
+                    (slot * size).saturating_sub(1),
+                ] {
+                    assert_eq!(
+                        c.divide(class, off),
+                        (off / size, off % size == 0),
+                        "{off} / {size}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn granule_index_finds_aligned_and_unaligned_granules() {
+        for size in [2u64 << 20, 3 << 20] {
+            let mut idx = GranuleIndex::new(size);
+            // Aligned, unaligned, and back to back.
+            let bases = [
+                0x4000_0000,
+                0x4000_0000 + size,
+                0x5000_0000 + 4096,
+                0x6000_0000 + size / 2 + 512,
+            ];
+            for (i, &b) in bases.iter().enumerate() {
+                idx.insert(b, i as u32);
+            }
+            for (i, &b) in bases.iter().enumerate() {
+                assert_eq!(idx.at(b), i as u32);
+                for ptr in [b, b + 1, b + size / 2, b + size - 1] {
+                    assert_eq!(idx.find(ptr), Some((b, i as u32)), "{ptr:#x} in {b:#x}");
+                }
+            }
+            for ptr in [
+                0x4000_0000 - 1,
+                0x4000_0000 + 2 * size,
+                0x5000_0000 + 4095,
+                0x6000_0000 + size / 2 + 511,
+                0,
+            ] {
+                assert_eq!(idx.find(ptr), None, "{ptr:#x}");
+            }
+            assert_eq!(idx.remove(bases[1]), 1);
+            assert_eq!(idx.find(bases[1]), None);
+            assert_eq!(idx.len(), 3);
         }
     }
 
