@@ -273,17 +273,17 @@ impl DeviceState {
             self.park(ptr, true, recorded.unwrap_or_default(), seq);
             return Ok(size);
         }
-        match self.large.lookup(ptr) {
-            Lookup::Start(b) if b.state == BlockState::Allocated => {
-                let req = b.requested;
-                let size = self.large.release(ptr, seq, recorded.is_some());
-                if let Some(streams) = recorded {
-                    self.park(ptr, false, streams, seq);
-                }
-                self.seq = seq;
-                self.c.note_free(size, req);
-                Ok(size)
+        if let Some((size, req)) = self.large.release(ptr, seq, recorded.is_some()) {
+            if let Some(streams) = recorded {
+                self.park(ptr, false, streams, seq);
             }
+            self.seq = seq;
+            self.c.note_free(size, req);
+            return Ok(size);
+        }
+        // Not the start of an allocated large block (`release` frees every one it finds): say what
+        // it is. (A recorded pointer is always live, so `recorded` is `None` here.)
+        match self.large.lookup(ptr) {
             Lookup::Start(_) => Err(self.bad_free(Error::DoubleFree {
                 ptr,
                 device: self.dev,

@@ -171,15 +171,20 @@ impl BlockPool {
         }
     }
 
-    /// Marks the allocated block at `addr` free (or pending). Returns the block's size. The caller
-    /// has checked that `addr` starts an allocated block.
+    /// Marks the block at `addr` free (or pending) if it is an allocated block starting there, in
+    /// one lookup: `(size, requested)`, or `None` (and nothing changed) for any other pointer.
     #[inline]
-    pub(crate) fn release(&mut self, addr: DevicePtr, free_seq: u64, pending: bool) -> u64 {
+    pub(crate) fn release(
+        &mut self,
+        addr: DevicePtr,
+        free_seq: u64,
+        pending: bool,
+    ) -> Option<(u64, u64)> {
         let block = self
             .blocks
             .get_mut(&addr)
-            .expect("release of a known block");
-        debug_assert_eq!(block.state, BlockState::Allocated);
+            .filter(|b| b.state == BlockState::Allocated)?;
+        let requested = block.requested;
         block.requested = 0;
         block.free_seq = free_seq;
         let size = block.size;
@@ -190,7 +195,7 @@ impl BlockPool {
             let key = Unindexed::of(block);
             self.coalesce(addr, key);
         }
-        size
+        Some((size, requested))
     }
 
     /// A pending block whose recorded streams have finished becomes free.
