@@ -179,6 +179,34 @@ impl Driver for Marked {
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.call(|d| d.stream_synchronize(device, stream))
     }
+    fn copy_to_device(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        src: &[u8],
+        stream: Stream,
+    ) -> DriverResult<()> {
+        self.call(|d| d.copy_to_device(device, dst, src, stream))
+    }
+    fn copy_from_device(
+        &self,
+        device: usize,
+        dst: &mut [u8],
+        src: DevicePtr,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        self.call(|d| d.copy_from_device(device, dst, src, stream))
+    }
+    fn memset(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        value: u8,
+        bytes: u64,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        self.call(|d| d.memset(device, dst, value, bytes, stream))
+    }
 }
 
 const PAGE: u64 = 2 << 20;

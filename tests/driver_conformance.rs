@@ -168,6 +168,66 @@ fn check_events(d: &dyn Driver, device: usize) {
     d.event_destroy(device, e).unwrap();
 }
 
+/// Copies and memset: on legacy memory and on a VMM mapping (across two mappings), through the
+/// driver only (so the same checks run on a GPU). Without memory behind the device (bookkeeping
+/// backing) they must be refused cleanly.
+fn check_copies(d: &dyn Driver, device: usize) {
+    let s = Stream::DEFAULT;
+    let p = d.alloc_legacy(device, 10_000).unwrap();
+    match d.memset(device, p, 0xAB, 10_000, s) {
+        Err(e) if e.error == CudaError::NotSupported => {
+            assert_eq!(
+                code(d.copy_to_device(device, p, &[1, 2, 3], s)),
+                CudaError::NotSupported
+            );
+            d.free_legacy(device, p).unwrap();
+            return;
+        }
+        r => r.unwrap(),
+    }
+    let pattern: Vec<u8> = (0..1000u32).map(|i| (i * 7 + 1) as u8).collect();
+    d.copy_to_device(device, p + 100, &pattern, s).unwrap();
+    let mut back = vec![0u8; 10_000];
+    d.copy_from_device(device, &mut back, p, s).unwrap();
+    assert!(back[..100].iter().all(|&b| b == 0xAB));
+    assert_eq!(&back[100..1100], &pattern[..]);
+    assert!(back[1100..].iter().all(|&b| b == 0xAB));
+    // A copy past the end of the allocation is refused, not performed.
+    assert!(d.copy_to_device(device, p + 9_999, &[0, 0], s).is_err());
+    d.free_legacy(device, p).unwrap();
+    assert!(d.copy_from_device(device, &mut back, p, s).is_err(), "freed memory");
+
+    if !d.supports_vmm(device).unwrap() {
+        return;
+    }
+    let g = d.granularity(device).unwrap();
+    let va = d.reserve(device, 2 * g, 0).unwrap();
+    let (a, b) = (
+        d.create_physical(device, g).unwrap(),
+        d.create_physical(device, g).unwrap(),
+    );
+    d.map(device, va, g, a).unwrap();
+    d.map(device, va + g, g, b).unwrap();
+    assert!(
+        d.memset(device, va, 0, 16, s).is_err(),
+        "mapped but not yet accessible"
+    );
+    d.set_access(device, va, 2 * g).unwrap();
+    d.memset(device, va, 0x5A, 2 * g, s).unwrap();
+    // Across the boundary between the two mappings.
+    d.copy_to_device(device, va + g - 500, &pattern, s).unwrap();
+    let mut back = vec![0u8; 2000];
+    d.copy_from_device(device, &mut back, va + g - 1000, s).unwrap();
+    assert!(back[..500].iter().all(|&x| x == 0x5A));
+    assert_eq!(&back[500..1500], &pattern[..]);
+    assert!(back[1500..].iter().all(|&x| x == 0x5A));
+    d.unmap(device, va, g).unwrap();
+    d.unmap(device, va + g, g).unwrap();
+    d.release_physical(device, a).unwrap();
+    d.release_physical(device, b).unwrap();
+    d.free_reservation(device, va, 2 * g).unwrap();
+}
+
 fn check_bytes_in_use(d: &dyn Driver, device: usize) {
     if !d.supports_vmm(device).unwrap() {
         return;
@@ -191,6 +251,7 @@ fn run_device(d: &dyn Driver, device: usize, host_memory: bool) {
     check_vmm_rules(d, device);
     check_legacy(d, device, host_memory);
     check_events(d, device);
+    check_copies(d, device);
     check_bytes_in_use(d, device);
 }
 

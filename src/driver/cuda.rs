@@ -54,7 +54,7 @@ use std::sync::OnceLock;
 
 /// Every `libcuda` symbol this file calls, as cudarc looks it up. `open` checks them all before the
 /// first call, because cudarc panics on a missing symbol (an old driver).
-const SYMBOLS: [&str; 26] = [
+const SYMBOLS: [&str; 29] = [
     "cuInit",
     "cuDeviceGetCount",
     "cuDeviceGet",
@@ -81,6 +81,9 @@ const SYMBOLS: [&str; 26] = [
     "cuEventDestroy_v2",
     "cuStreamWaitEvent",
     "cuStreamSynchronize",
+    "cuMemcpyHtoDAsync_v2",
+    "cuMemcpyDtoHAsync_v2",
+    "cuMemsetD8Async",
 ];
 
 /// Whether `libcuda` can be loaded on this machine. Asked once per process.
@@ -714,6 +717,65 @@ impl Driver for CudaDriver {
         // stream of the current context).
         let res = unsafe { sys::cuStreamSynchronize(stream_ptr(stream)) };
         check(res, Call::StreamSynchronize, device)
+    }
+
+    fn copy_to_device(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        src: &[u8],
+        stream: Stream,
+    ) -> DriverResult<()> {
+        const C: Call = Call::CopyToDevice;
+        let (_, _ctx) = self.enter(device, C)?;
+        // SAFETY: `src` is a live slice of `src.len()` readable bytes, kept alive until the stream
+        // is synchronised below; `dst` is the caller's device memory of this device (CUDA reports
+        // a bad address as an error, not undefined behaviour on the host); the stream is the
+        // caller's live stream, or null.
+        let res = unsafe {
+            sys::cuMemcpyHtoDAsync_v2(dst, src.as_ptr().cast(), src.len(), stream_ptr(stream))
+        };
+        check(res, C, device)?;
+        // SAFETY: as in `stream_synchronize`.
+        let res = unsafe { sys::cuStreamSynchronize(stream_ptr(stream)) };
+        check(res, C, device).map_err(|e| e.with_detail("cuStreamSynchronize after the copy"))
+    }
+
+    fn copy_from_device(
+        &self,
+        device: usize,
+        dst: &mut [u8],
+        src: DevicePtr,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        const C: Call = Call::CopyFromDevice;
+        let (_, _ctx) = self.enter(device, C)?;
+        // SAFETY: `dst` is a live, exclusively borrowed slice of `dst.len()` writable bytes, kept
+        // until the stream is synchronised below (pageable memory: the driver stages the copy);
+        // `src` as in `copy_to_device`.
+        let res = unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst.as_mut_ptr().cast(), src, dst.len(), stream_ptr(stream))
+        };
+        check(res, C, device)?;
+        // SAFETY: as in `stream_synchronize`.
+        let res = unsafe { sys::cuStreamSynchronize(stream_ptr(stream)) };
+        check(res, C, device).map_err(|e| e.with_detail("cuStreamSynchronize after the copy"))
+    }
+
+    fn memset(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        value: u8,
+        bytes: u64,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        const C: Call = Call::Memset;
+        let (_, _ctx) = self.enter(device, C)?;
+        // SAFETY: no host memory is involved; `dst` is the caller's device memory (a bad address
+        // is a CUDA error); the stream is the caller's live stream, or null.
+        let res = unsafe { sys::cuMemsetD8Async(dst, value, bytes as usize, stream_ptr(stream)) };
+        check(res, C, device)
     }
 }
 

@@ -22,6 +22,10 @@
 //!   after it.
 //! - `release_physical` may be called while the handle is still mapped (CUDA frees the memory when
 //!   the last mapping goes); tessera never does so, but both drivers accept it.
+//! - `copy_to_device`, `copy_from_device` and `memset` need a range of accessible device memory
+//!   (mapped with access set, or legacy); the copies return once done, `memset` is ordered on its
+//!   stream. A simulated device without host memory behind it (bookkeeping backing) refuses them
+//!   with `CUDA_ERROR_NOT_SUPPORTED`.
 //! - Events are created per device, recorded on a stream, and complete when all work queued on that
 //!   stream before the record has finished. [`Stream`] `0` is the legacy default stream.
 //! - All methods may be called from any thread. No method panics: failures are [`DriverError`]s that
@@ -84,11 +88,14 @@ pub enum Call {
     EventDestroy,
     StreamWaitEvent,
     StreamSynchronize,
+    CopyToDevice,
+    CopyFromDevice,
+    Memset,
 }
 
 impl Call {
     /// Every call kind, in declaration order.
-    pub const ALL: [Call; 19] = [
+    pub const ALL: [Call; 22] = [
         Call::DeviceCount,
         Call::Granularity,
         Call::MemInfo,
@@ -108,6 +115,9 @@ impl Call {
         Call::EventDestroy,
         Call::StreamWaitEvent,
         Call::StreamSynchronize,
+        Call::CopyToDevice,
+        Call::CopyFromDevice,
+        Call::Memset,
     ];
 
     /// The CUDA driver function behind this call, as error messages name it.
@@ -132,6 +142,9 @@ impl Call {
             Call::EventDestroy => "cuEventDestroy",
             Call::StreamWaitEvent => "cuStreamWaitEvent",
             Call::StreamSynchronize => "cuStreamSynchronize",
+            Call::CopyToDevice => "cuMemcpyHtoDAsync",
+            Call::CopyFromDevice => "cuMemcpyDtoHAsync",
+            Call::Memset => "cuMemsetD8Async",
         }
     }
 
@@ -353,4 +366,34 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
 
     /// `cuStreamSynchronize`.
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()>;
+
+    /// `cuMemcpyHtoDAsync` of `src` to `dst` on `stream`, then waits for the stream: `src` may be
+    /// reused when it returns. `[dst, dst + src.len())` must be accessible device memory.
+    fn copy_to_device(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        src: &[u8],
+        stream: Stream,
+    ) -> DriverResult<()>;
+
+    /// `cuMemcpyDtoHAsync` of `dst.len()` bytes at `src` on `stream`, then waits for the stream.
+    fn copy_from_device(
+        &self,
+        device: usize,
+        dst: &mut [u8],
+        src: DevicePtr,
+        stream: Stream,
+    ) -> DriverResult<()>;
+
+    /// `cuMemsetD8Async`: `bytes` bytes at `dst` set to `value`, queued on `stream` (ordered
+    /// before later work on it).
+    fn memset(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        value: u8,
+        bytes: u64,
+        stream: Stream,
+    ) -> DriverResult<()>;
 }

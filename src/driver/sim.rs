@@ -307,6 +307,45 @@ impl SimDriver {
         Ok(st)
     }
 
+    /// That `[va, va + len)` is accessible device memory with host memory behind it, so that a
+    /// copy or memset may touch it.
+    fn check_host_range(
+        &self,
+        st: &State,
+        call: Call,
+        device: usize,
+        va: DevicePtr,
+        len: u64,
+    ) -> DriverResult<()> {
+        let d = st.devices.get(device).ok_or_else(|| {
+            fail(call, CudaError::InvalidDevice, device, "no such device".to_string())
+        })?;
+        if self.config.backing != Backing::Real {
+            return Err(fail(
+                call,
+                CudaError::NotSupported,
+                device,
+                "the simulated device has no memory behind it (bookkeeping backing)".to_string(),
+            ));
+        }
+        let end = va.checked_add(len).ok_or_else(|| {
+            fail(call, CudaError::InvalidValue, device, "the range wraps around".to_string())
+        })?;
+        let in_legacy_block = d
+            .legacy
+            .iter()
+            .any(|(&p, l)| va >= p && end <= p + l.size);
+        if len > 0 && !(d.accessible.covers(va, end) || in_legacy_block) {
+            return Err(fail(
+                call,
+                CudaError::IllegalAddress,
+                device,
+                format!("[{va:#x}, {end:#x}) is not accessible device memory"),
+            ));
+        }
+        Ok(())
+    }
+
     fn check_vmm(&self, call: Call, device: usize) -> DriverResult<()> {
         if self.config.vmm {
             Ok(())
@@ -887,6 +926,54 @@ impl Driver for SimDriver {
         const C: Call = Call::StreamSynchronize;
         let mut st = self.enter(C, Some(device))?;
         device_mut(&mut st, C, device)?.complete(stream.0, u64::MAX);
+        Ok(())
+    }
+
+    fn copy_to_device(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        src: &[u8],
+        stream: Stream,
+    ) -> DriverResult<()> {
+        let st = self.enter(Call::CopyToDevice, Some(device))?;
+        self.check_host_range(&st, Call::CopyToDevice, device, dst, src.len() as u64)?;
+        let _ = stream; // copies happen at once on the simulated device
+        // SAFETY: `[dst, dst + len)` is accessible memory of this device (checked above), which
+        // with real backing is read/write host memory mapped at that address; `src` is a live
+        // slice that cannot overlap it (device memory is never handed out as a Rust slice).
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
+        Ok(())
+    }
+
+    fn copy_from_device(
+        &self,
+        device: usize,
+        dst: &mut [u8],
+        src: DevicePtr,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        let st = self.enter(Call::CopyFromDevice, Some(device))?;
+        self.check_host_range(&st, Call::CopyFromDevice, device, src, dst.len() as u64)?;
+        let _ = stream;
+        // SAFETY: as in `copy_to_device`, with the roles swapped.
+        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
+        Ok(())
+    }
+
+    fn memset(
+        &self,
+        device: usize,
+        dst: DevicePtr,
+        value: u8,
+        bytes: u64,
+        stream: Stream,
+    ) -> DriverResult<()> {
+        let st = self.enter(Call::Memset, Some(device))?;
+        self.check_host_range(&st, Call::Memset, device, dst, bytes)?;
+        let _ = stream;
+        // SAFETY: `[dst, dst + bytes)` is accessible host-backed memory (checked above).
+        unsafe { std::ptr::write_bytes(dst as *mut u8, value, bytes as usize) };
         Ok(())
     }
 }

@@ -49,6 +49,11 @@ impl RangeSet {
     pub(super) fn contains(&self, x: u64) -> bool {
         self.0.range(..=x).next_back().is_some_and(|(_, &e)| e > x)
     }
+
+    /// Whether `[start, end)` lies wholly inside the set (ranges are merged on insert).
+    pub(super) fn covers(&self, start: u64, end: u64) -> bool {
+        self.0.range(..=start).next_back().is_some_and(|(_, &e)| e >= end)
+    }
 }
 
 /// A first-fit allocator of aligned extents in `[base, limit)`: free extents below `end`, and
