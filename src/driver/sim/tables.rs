@@ -52,7 +52,10 @@ impl RangeSet {
 
     /// Whether `[start, end)` lies wholly inside the set (ranges are merged on insert).
     pub(super) fn covers(&self, start: u64, end: u64) -> bool {
-        self.0.range(..=start).next_back().is_some_and(|(_, &e)| e >= end)
+        self.0
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= end)
     }
 }
 
