@@ -48,6 +48,7 @@ impl AddressMap {
 /// A live allocation, as found by pointer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Allocation {
+    /// The device that owns it.
     pub device: usize,
     /// Start of the allocation holding the pointer.
     pub base: DevicePtr,
@@ -144,10 +145,12 @@ impl Tessera {
         &self.driver
     }
 
+    /// The configuration it was created with (every device uses it).
     pub fn config(&self) -> &Config {
         &self.config
     }
 
+    /// The number of devices the driver reported when the allocator was created.
     pub fn device_count(&self) -> usize {
         self.devices.len()
     }
@@ -321,15 +324,18 @@ impl Tessera {
         self.hooks.remove(id)
     }
 
+    /// The statistics of `device` now.
     pub fn stats(&self, device: usize) -> Result<Stats> {
         Ok(self.device(device)?.state.lock().stats())
     }
 
+    /// Restarts the peaks of `device` (`peak_*` in [`Stats`]) from the current values.
     pub fn reset_peak_stats(&self, device: usize) -> Result<()> {
         self.device(device)?.state.lock().reset_peak_stats();
         Ok(())
     }
 
+    /// Every segment and block of `device` now, with its statistics.
     pub fn snapshot(&self, device: usize) -> Result<Snapshot> {
         Ok(self.device(device)?.state.lock().snapshot())
     }

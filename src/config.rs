@@ -113,6 +113,7 @@ impl FromStr for Backend {
 /// The configuration of one allocator (every device it manages uses the same settings).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
+    /// Which memory the pools are built from.
     pub backend: Backend,
     /// Page size: a multiple of the driver's granularity. `None`: the granularity (2 MiB on current GPUs).
     pub page_size: Option<u64>,
@@ -357,34 +358,42 @@ impl FromStr for Config {
 pub struct ConfigBuilder(Config);
 
 impl ConfigBuilder {
+    /// Sets [`Config::backend`].
     pub fn backend(mut self, backend: Backend) -> Self {
         self.0.backend = backend;
         self
     }
+    /// Sets [`Config::page_size`], in bytes.
     pub fn page_size(mut self, bytes: u64) -> Self {
         self.0.page_size = Some(bytes);
         self
     }
+    /// Sets [`Config::limit`], in bytes.
     pub fn limit(mut self, bytes: u64) -> Self {
         self.0.limit = Some(bytes);
         self
     }
+    /// Sets [`Config::memory_fraction`].
     pub fn memory_fraction(mut self, fraction: f64) -> Self {
         self.0.memory_fraction = Some(fraction);
         self
     }
+    /// Sets [`Config::small_max`], in bytes.
     pub fn small_max(mut self, bytes: u64) -> Self {
         self.0.small_max = bytes;
         self
     }
+    /// Sets [`Config::classes_per_doubling`].
     pub fn classes_per_doubling(mut self, n: u32) -> Self {
         self.0.classes_per_doubling = n;
         self
     }
+    /// Sets [`Config::check_invariants`].
     pub fn check_invariants(mut self, on: bool) -> Self {
         self.0.check_invariants = on;
         self
     }
+    /// The configuration, checked by [`Config::validate`].
     pub fn build(self) -> Result<Config> {
         self.0.validate()?;
         Ok(self.0)

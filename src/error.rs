@@ -18,21 +18,39 @@ pub enum Error {
     OutOfMemory(Box<OomReport>),
     /// A size of zero, or one too large to round or reserve.
     #[error("invalid size {size}: {reason}")]
-    InvalidSize { size: u64, reason: &'static str },
+    InvalidSize {
+        /// The size asked for, in bytes.
+        size: u64,
+        /// Why it cannot be served.
+        reason: &'static str,
+    },
     /// A device index outside `0..count`.
     #[error("invalid device {device}: {count} device(s) present")]
-    InvalidDevice { device: i64, count: usize },
+    InvalidDevice {
+        /// The index given (signed: the C ABI passes an `int`, which may be negative).
+        device: i64,
+        /// The number of devices the driver has.
+        count: usize,
+    },
     /// A pointer that tessera did not hand out (or already took back and handed out again elsewhere).
     #[error("unknown pointer {ptr:#x}{}: not allocated by tessera{}", dev_suffix(*.device), interior_suffix(*.interior_of))]
     UnknownPointer {
+        /// The pointer given.
         ptr: DevicePtr,
+        /// The device it was looked up on; `None` when it was looked up by address alone and no
+        /// device owns it.
         device: Option<usize>,
         /// Set when the pointer lies inside a live allocation that starts elsewhere.
         interior_of: Option<DevicePtr>,
     },
     /// A pointer freed twice.
     #[error("double free of {ptr:#x} on device {device}")]
-    DoubleFree { ptr: DevicePtr, device: usize },
+    DoubleFree {
+        /// The pointer given.
+        ptr: DevicePtr,
+        /// The device it was freed on.
+        device: usize,
+    },
     /// A bad configuration key or value (from the builder or `TESSERA_CONF`).
     #[error("configuration error: {0}")]
     Config(String),
@@ -52,6 +70,7 @@ fn interior_suffix(base: Option<DevicePtr>) -> String {
         .unwrap_or_default()
 }
 
+/// The result of tessera's operations: [`Error`] unless said otherwise.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
@@ -65,6 +84,7 @@ impl Error {
 /// of failure.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OomReport {
+    /// The device that ran out.
     pub device: usize,
     /// The size asked for, before rounding.
     pub requested: u64,

@@ -10,6 +10,7 @@
 //! 5. [`Tessera`]: the front, dispatching by device and finding allocations by pointer; [`global()`]
 //!    is the process-wide one that the C ABI serves.
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 mod allocator;
 pub mod bytes;

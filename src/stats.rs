@@ -71,15 +71,23 @@ impl Counters {
 pub struct Stats {
     /// Bytes in live allocations (rounded sizes: 512 B steps, or the size class).
     pub allocated_bytes: u64,
+    /// The most `allocated_bytes` has been since the start or the last
+    /// [`reset_peak_stats`](crate::Tessera::reset_peak_stats).
     pub peak_allocated_bytes: u64,
     /// Bytes the callers asked for, in live allocations.
     pub requested_bytes: u64,
+    /// The most `requested_bytes` has been since the start or the last
+    /// [`reset_peak_stats`](crate::Tessera::reset_peak_stats).
     pub peak_requested_bytes: u64,
     /// Physical memory held from the driver.
     pub reserved_bytes: u64,
+    /// The most `reserved_bytes` has been since the start or the last
+    /// [`reset_peak_stats`](crate::Tessera::reset_peak_stats).
     pub peak_reserved_bytes: u64,
     /// Live allocations.
     pub active_blocks: u64,
+    /// The most `active_blocks` has been since the start or the last
+    /// [`reset_peak_stats`](crate::Tessera::reset_peak_stats).
     pub peak_active_blocks: u64,
     /// `reserved - allocated`.
     pub cached_free_bytes: u64,
@@ -95,7 +103,9 @@ pub struct Stats {
     pub mapped_pages: u64,
     /// Pages created and mapped nowhere.
     pub pool_pages: u64,
+    /// Allocations served since the start.
     pub allocations: u64,
+    /// Frees accepted since the start (one that waits for recorded streams counts at once).
     pub frees: u64,
     /// Bytes allocated since the start (rounded sizes); bytes freed since the start are
     /// `allocated_bytes_total - allocated_bytes`.
@@ -104,8 +114,11 @@ pub struct Stats {
     pub remaps: u64,
     /// Times the cache was released to the driver, and the bytes released.
     pub cache_releases: u64,
+    /// Bytes those releases gave back to the driver, in total.
     pub released_bytes: u64,
+    /// Eviction hook calls made by the OOM sequence, in total.
     pub hook_calls: u64,
+    /// Requests that failed with [`Error::OutOfMemory`](crate::Error::OutOfMemory).
     pub ooms: u64,
     /// Requests that released the cache to the driver and retried (PyTorch's `num_alloc_retries`).
     pub alloc_retries: u64,
@@ -114,9 +127,12 @@ pub struct Stats {
     /// Driver errors that did not fail an operation (a fence for memory the request did not
     /// need), and the last one's message.
     pub driver_errors: u64,
+    /// The message of the last of those driver errors; `None` if there was none.
     pub last_driver_error: Option<String>,
     /// The reserved-bytes limit in force, if any.
     pub limit_bytes: Option<u64>,
+    /// The device's page size in bytes ([`Config::page_size`](crate::Config::page_size), or the
+    /// driver's granularity).
     pub page_size: u64,
 }
 
@@ -124,7 +140,9 @@ pub struct Stats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum BlockStateInfo {
+    /// Handed out and not freed.
     Allocated,
+    /// Free and cached (large blocks only: a small segment lists only its allocated slots).
     Free,
     /// Freed, waiting for streams recorded with `record_stream`.
     PendingFree,
@@ -133,10 +151,16 @@ pub enum BlockStateInfo {
 /// One block in a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct BlockInfo {
+    /// Start of the block (device address).
     pub address: DevicePtr,
+    /// Bytes it spans (the rounded size, or the slot size of its size class).
     pub size: u64,
+    /// Bytes the caller asked for; 0 for a free block and for a pending large one (a pending small
+    /// slot keeps its request).
     pub requested_size: u64,
+    /// Allocated, free, or waiting for recorded streams.
     pub state: BlockStateInfo,
+    /// The stream it was allocated on (a free block: the stream that last used it).
     pub stream: Stream,
 }
 
@@ -155,18 +179,28 @@ pub enum SegmentKind {
 /// One segment in a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SegmentInfo {
+    /// Start of the segment (device address).
     pub address: DevicePtr,
+    /// Bytes it spans (one page for a small granule).
     pub size: u64,
+    /// Large, small or legacy.
     pub kind: SegmentKind,
+    /// The stream of its first block (large and legacy segments) or of its granule (small).
     pub stream: Stream,
+    /// Its blocks in address order: every block of a large or legacy segment, the allocated and
+    /// pending slots of a small one.
     pub blocks: Vec<BlockInfo>,
 }
 
 /// Every segment and block of one device.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Snapshot {
+    /// The device's index.
     pub device: usize,
+    /// The device's page size in bytes.
     pub page_size: u64,
+    /// Every segment, large, legacy and small, in address order.
     pub segments: Vec<SegmentInfo>,
+    /// The device's statistics at the same moment.
     pub stats: Stats,
 }

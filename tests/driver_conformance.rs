@@ -195,7 +195,10 @@ fn check_copies(d: &dyn Driver, device: usize) {
     // A copy past the end of the allocation is refused, not performed.
     assert!(d.copy_to_device(device, p + 9_999, &[0, 0], s).is_err());
     d.free_legacy(device, p).unwrap();
-    assert!(d.copy_from_device(device, &mut back, p, s).is_err(), "freed memory");
+    assert!(
+        d.copy_from_device(device, &mut back, p, s).is_err(),
+        "freed memory"
+    );
 
     if !d.supports_vmm(device).unwrap() {
         return;
@@ -217,7 +220,8 @@ fn check_copies(d: &dyn Driver, device: usize) {
     // Across the boundary between the two mappings.
     d.copy_to_device(device, va + g - 500, &pattern, s).unwrap();
     let mut back = vec![0u8; 2000];
-    d.copy_from_device(device, &mut back, va + g - 1000, s).unwrap();
+    d.copy_from_device(device, &mut back, va + g - 1000, s)
+        .unwrap();
     assert!(back[..500].iter().all(|&x| x == 0x5A));
     assert_eq!(&back[500..1500], &pattern[..]);
     assert!(back[1500..].iter().all(|&x| x == 0x5A));

@@ -62,34 +62,58 @@ pub struct Event(pub u64);
 /// Free and total memory of a device, as `cuMemGetInfo` reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MemInfo {
+    /// Bytes free on the device, every user counted.
     pub free: u64,
+    /// Bytes of memory the device has.
     pub total: u64,
 }
 
 /// Every kind of call the trait makes. The simulated driver counts calls and injects faults by kind.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Call {
+    /// [`Driver::device_count`] (`cuDeviceGetCount`).
     DeviceCount,
+    /// [`Driver::granularity`] (`cuMemGetAllocationGranularity`).
     Granularity,
+    /// [`Driver::mem_info`] (`cuMemGetInfo`).
     MemInfo,
+    /// [`Driver::alloc_legacy`] (`cuMemAlloc`).
     AllocLegacy,
+    /// [`Driver::free_legacy`] (`cuMemFree`).
     FreeLegacy,
+    /// [`Driver::reserve`] (`cuMemAddressReserve`).
     Reserve,
+    /// [`Driver::free_reservation`] (`cuMemAddressFree`).
     FreeReservation,
+    /// [`Driver::create_physical`] (`cuMemCreate`).
     CreatePhysical,
+    /// [`Driver::release_physical`] (`cuMemRelease`).
     ReleasePhysical,
+    /// [`Driver::map`] (`cuMemMap`).
     Map,
+    /// [`Driver::unmap`] (`cuMemUnmap`).
     Unmap,
+    /// [`Driver::set_access`] (`cuMemSetAccess`).
     SetAccess,
+    /// [`Driver::event_create`] (`cuEventCreate`).
     EventCreate,
+    /// [`Driver::event_record`] (`cuEventRecord`).
     EventRecord,
+    /// [`Driver::event_query`] (`cuEventQuery`).
     EventQuery,
+    /// [`Driver::event_synchronize`] (`cuEventSynchronize`).
     EventSynchronize,
+    /// [`Driver::event_destroy`] (`cuEventDestroy`).
     EventDestroy,
+    /// [`Driver::stream_wait_event`] (`cuStreamWaitEvent`).
     StreamWaitEvent,
+    /// [`Driver::stream_synchronize`] (`cuStreamSynchronize`).
     StreamSynchronize,
+    /// [`Driver::copy_to_device`] (`cuMemcpyHtoDAsync`).
     CopyToDevice,
+    /// [`Driver::copy_from_device`] (`cuMemcpyDtoHAsync`).
     CopyFromDevice,
+    /// [`Driver::memset`] (`cuMemsetD8Async`).
     Memset,
 }
 
@@ -163,20 +187,38 @@ impl fmt::Display for Call {
 /// A CUDA driver error code (`CUresult`), with the names the driver gives them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CudaError {
+    /// `CUDA_ERROR_INVALID_VALUE` (1): an argument out of range (a size, an alignment, an address).
     InvalidValue,
+    /// `CUDA_ERROR_OUT_OF_MEMORY` (2): the device has not enough memory left.
     OutOfMemory,
+    /// `CUDA_ERROR_NOT_INITIALIZED` (3): the driver is not initialised (the simulated driver: its
+    /// configuration is unusable).
     NotInitialized,
+    /// `CUDA_ERROR_DEINITIALIZED` (4): the driver is shutting down.
     Deinitialized,
+    /// `CUDA_ERROR_NO_DEVICE` (100): no CUDA device is present.
     NoDevice,
+    /// `CUDA_ERROR_INVALID_DEVICE` (101): a device index outside `0..device_count()`.
     InvalidDevice,
+    /// `CUDA_ERROR_INVALID_CONTEXT` (201): no valid context for the call.
     InvalidContext,
+    /// `CUDA_ERROR_SHARED_OBJECT_INIT_FAILED` (303): a library could not be initialised (tessera:
+    /// `libcuda` is missing or too old).
     SharedObjectInitFailed,
+    /// `CUDA_ERROR_INVALID_HANDLE` (400): a handle (physical memory, event) that is not live.
     InvalidHandle,
+    /// `CUDA_ERROR_NOT_FOUND` (500): a named symbol or resource was not found.
     NotFound,
+    /// `CUDA_ERROR_NOT_READY` (600): the work an event waits for is not done yet
+    /// ([`Driver::event_query`] answers `Ok(false)` instead).
     NotReady,
+    /// `CUDA_ERROR_ILLEGAL_ADDRESS` (700): an access to memory that is not accessible.
     IllegalAddress,
+    /// `CUDA_ERROR_NOT_PERMITTED` (800): the operation is not permitted.
     NotPermitted,
+    /// `CUDA_ERROR_NOT_SUPPORTED` (801): the device or driver does not support the operation.
     NotSupported,
+    /// `CUDA_ERROR_UNKNOWN` (999): an error the driver does not say more about.
     Unknown,
     /// Any other code, kept verbatim.
     Other(u32),
@@ -254,7 +296,9 @@ impl CudaError {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{call} failed with {} ({}){}{}", .error.name(), .error.code(), device_suffix(*.device), detail_suffix(.detail))]
 pub struct DriverError {
+    /// The call that failed.
     pub call: Call,
+    /// The CUDA error it returned.
     pub error: CudaError,
     /// The device the call was for, when it names one.
     pub device: Option<usize>,
@@ -276,6 +320,7 @@ fn detail_suffix(detail: &Option<String>) -> String {
 }
 
 impl DriverError {
+    /// The error `error` of `call` on `device`, with no detail.
     pub fn new(call: Call, error: CudaError, device: Option<usize>) -> Self {
         DriverError {
             call,
@@ -285,6 +330,7 @@ impl DriverError {
         }
     }
 
+    /// The same error, with `detail` saying why (replacing any earlier detail).
     pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
         self.detail = Some(detail.into());
         self
@@ -297,6 +343,7 @@ impl DriverError {
     }
 }
 
+/// The result of a [`Driver`] call.
 pub type DriverResult<T> = Result<T, DriverError>;
 
 /// Everything tessera asks of a GPU. See the module documentation for the contract.

@@ -288,6 +288,7 @@ impl SimDriver {
         })
     }
 
+    /// The configuration it was created with (as given, even when unusable).
     pub fn config(&self) -> &SimConfig {
         &self.config
     }
@@ -318,7 +319,12 @@ impl SimDriver {
         len: u64,
     ) -> DriverResult<()> {
         let d = st.devices.get(device).ok_or_else(|| {
-            fail(call, CudaError::InvalidDevice, device, "no such device".to_string())
+            fail(
+                call,
+                CudaError::InvalidDevice,
+                device,
+                "no such device".to_string(),
+            )
         })?;
         if self.config.backing != Backing::Real {
             return Err(fail(
@@ -329,12 +335,14 @@ impl SimDriver {
             ));
         }
         let end = va.checked_add(len).ok_or_else(|| {
-            fail(call, CudaError::InvalidValue, device, "the range wraps around".to_string())
+            fail(
+                call,
+                CudaError::InvalidValue,
+                device,
+                "the range wraps around".to_string(),
+            )
         })?;
-        let in_legacy_block = d
-            .legacy
-            .iter()
-            .any(|(&p, l)| va >= p && end <= p + l.size);
+        let in_legacy_block = d.legacy.iter().any(|(&p, l)| va >= p && end <= p + l.size);
         if len > 0 && !(d.accessible.covers(va, end) || in_legacy_block) {
             return Err(fail(
                 call,
@@ -453,6 +461,7 @@ impl SimDriver {
             .collect()
     }
 
+    /// Sets every call counter back to 0.
     pub fn reset_counters(&self) {
         self.state.lock().counters = [0; Call::ALL.len()];
     }
@@ -477,6 +486,7 @@ impl SimDriver {
         self.with_device(device, |d| d.complete(stream.0, u64::MAX));
     }
 
+    /// Events recorded and not yet complete (0 for a bad device).
     pub fn pending_events(&self, device: usize) -> usize {
         self.with_device(device, |d| {
             d.events.values().filter(|e| e.is_some()).count()
@@ -486,11 +496,13 @@ impl SimDriver {
 
     // ---- Inspection (0 or false for a bad device) ----
 
+    /// Virtual ranges reserved and not yet freed.
     pub fn live_reservations(&self, device: usize) -> usize {
         self.with_device(device, |d| d.reservations.len())
             .unwrap_or(0)
     }
 
+    /// Mappings in place (one per `map` not yet unmapped).
     pub fn live_mappings(&self, device: usize) -> usize {
         self.with_device(device, |d| d.mappings.len()).unwrap_or(0)
     }
@@ -500,10 +512,12 @@ impl SimDriver {
         self.with_device(device, |d| d.handles.len()).unwrap_or(0)
     }
 
+    /// `alloc_legacy` allocations not yet freed.
     pub fn live_legacy(&self, device: usize) -> usize {
         self.with_device(device, |d| d.legacy.len()).unwrap_or(0)
     }
 
+    /// Events created and not yet destroyed, pending or complete.
     pub fn live_events(&self, device: usize) -> usize {
         self.with_device(device, |d| d.events.len()).unwrap_or(0)
     }
@@ -939,9 +953,9 @@ impl Driver for SimDriver {
         let st = self.enter(Call::CopyToDevice, Some(device))?;
         self.check_host_range(&st, Call::CopyToDevice, device, dst, src.len() as u64)?;
         let _ = stream; // copies happen at once on the simulated device
-        // SAFETY: `[dst, dst + len)` is accessible memory of this device (checked above), which
-        // with real backing is read/write host memory mapped at that address; `src` is a live
-        // slice that cannot overlap it (device memory is never handed out as a Rust slice).
+                        // SAFETY: `[dst, dst + len)` is accessible memory of this device (checked above), which
+                        // with real backing is read/write host memory mapped at that address; `src` is a live
+                        // slice that cannot overlap it (device memory is never handed out as a Rust slice).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }

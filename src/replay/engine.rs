@@ -125,18 +125,25 @@ impl Default for ReplayOptions {
 /// One point of a replay's time series: the peaks over the window of events ending at `event`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sample {
+    /// Number of events replayed when the window closed.
     pub event: usize,
+    /// Peak bytes the simulated driver held during the window (in a trace's recorded series, the
+    /// recording allocator's reserved bytes after `event` events).
     pub reserved: u64,
+    /// Peak live bytes (requested sizes) during the window; 0 in a recorded series.
     pub live: u64,
 }
 
 /// What one replay measured.
 #[derive(Clone, Debug)]
 pub struct Outcome {
+    /// The policy replayed.
     pub policy: Policy,
     /// Events replayed (an OOM'd allocation and its skipped free count as replayed).
     pub events: u64,
+    /// The most bytes live at once: requested sizes of the allocations that succeeded.
     pub peak_live_bytes: u64,
+    /// The most bytes the simulated driver held at once (its exact peak, not sampled).
     pub peak_reserved_bytes: u64,
     /// Allocations that failed with an OOM.
     pub ooms: u64,
@@ -146,7 +153,10 @@ pub struct Outcome {
     pub remaps: u64,
     /// Driver calls made during the replay, by kind (kinds never called left out).
     pub driver_calls: Vec<(Call, u64)>,
+    /// Wall-clock time of the replay loop, in seconds.
     pub seconds: f64,
+    /// The time series, one sample per window of events, the last closing at the last event
+    /// replayed: at most [`ReplayOptions::samples`] points, none when that is 0.
     pub samples: Vec<Sample>,
 }
 
@@ -156,6 +166,7 @@ impl Outcome {
         overhead_pct(self.peak_reserved_bytes, self.peak_live_bytes)
     }
 
+    /// Events replayed per second of wall-clock time; 0 when no time was measured.
     pub fn events_per_s(&self) -> f64 {
         if self.seconds > 0.0 {
             self.events as f64 / self.seconds
@@ -180,15 +191,21 @@ pub fn overhead_pct(reserved: u64, live: u64) -> f64 {
 pub enum ReplayError {
     /// The allocator failed in a way other than an OOM (bad configuration, a driver error).
     Allocator {
+        /// The policy being replayed.
         policy: Policy,
+        /// The trace line of the event, or 0.
         line: u64,
+        /// The allocator's error.
         error: Error,
     },
     /// An allocation lost its contents (`verify`), or the allocator's accounting disagrees with
     /// the driver's.
     Corrupted {
+        /// The policy being replayed.
         policy: Policy,
+        /// The trace line of the event, or 0.
         line: u64,
+        /// What was found wrong.
         detail: String,
     },
 }

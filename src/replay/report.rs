@@ -26,20 +26,38 @@ pub const RECORDED: &str = "recorded";
 /// One line of the report.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct Row {
+    /// The trace's name (its file name as given).
     pub trace: String,
+    /// The policy's name, or [`RECORDED`].
     pub policy: String,
+    /// Memory of the simulated device, in bytes.
     pub capacity_bytes: u64,
+    /// Events replayed (the `recorded` row: the trace's events).
     pub events: u64,
+    /// The most bytes live at once, as requested sizes (the `recorded` row: the trace's own, with
+    /// every allocation served).
     pub peak_live_bytes: u64,
+    /// The most bytes reserved at once: the simulated driver's peak, or the recording allocator's
+    /// (the `recorded` row).
     pub peak_reserved_bytes: u64,
+    /// (peak reserved − peak live) / peak live, in percent, to 2 decimals.
     pub overhead_pct: f64,
+    /// Allocations that failed with an OOM.
     pub ooms: u64,
+    /// Pages remapped into new places (tessera); 0 for the other policies.
     pub remaps: u64,
     /// Driver calls during the replay, by CUDA function name.
     pub driver_calls: BTreeMap<String, u64>,
+    /// Wall-clock time of the replay, in seconds (0 for the `recorded` row).
     pub seconds: f64,
+    /// Events replayed per second, rounded (0 for the `recorded` row).
     pub events_per_s: f64,
+    /// The smallest capacity with no OOM, a multiple of
+    /// [`MIN_CAPACITY_STEP`](crate::replay::engine::MIN_CAPACITY_STEP); `None` when not
+    /// searched for or not found.
     pub min_capacity_bytes: Option<u64>,
+    /// `min_capacity_bytes` / the trace's peak live bytes with every allocation served, to 3
+    /// decimals.
     pub min_capacity_ratio: Option<f64>,
     /// (peak reserved − recorded peak reserved) / recorded peak, in percent, when the trace
     /// recorded its allocator's reserved bytes.

@@ -104,14 +104,25 @@ pub use snapshot::parse_snapshot;
 pub enum Op {
     /// Allocate `size` bytes on stream index `stream` (an index into [`Trace::streams`]) and keep
     /// the pointer in `slot`.
-    Alloc { slot: u32, size: u64, stream: u32 },
+    Alloc {
+        /// The slot that keeps the pointer.
+        slot: u32,
+        /// Bytes to allocate, at least 1.
+        size: u64,
+        /// The stream's index in [`Trace::streams`].
+        stream: u32,
+    },
     /// Free the allocation kept in `slot`.
-    Free { slot: u32 },
+    Free {
+        /// The slot that keeps the pointer.
+        slot: u32,
+    },
 }
 
 /// One event and where it came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Event {
+    /// What the event does.
     pub op: Op,
     /// 1-based line of the CSV file, or 1-based index of the entry in the snapshot's trace.
     pub line: u64,
@@ -121,7 +132,9 @@ pub struct Event {
 /// second allocation of a live id): reported with its line, counted, and dropped.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Problem {
+    /// Where it is: as [`Event::line`].
     pub line: u64,
+    /// What is wrong with it.
     pub message: String,
 }
 
@@ -131,6 +144,7 @@ pub struct Problem {
 pub struct RecordedPoint {
     /// Reserved bytes after `events[..event]` were replayed.
     pub event: usize,
+    /// The recording allocator's reserved bytes at that point.
     pub reserved: u64,
 }
 
@@ -139,6 +153,7 @@ pub struct RecordedPoint {
 pub struct Trace {
     /// The name reports use: the file name as given.
     pub name: String,
+    /// The events, in trace order: replaying them in order is always valid.
     pub events: Vec<Event>,
     /// Number of distinct slots used (slots are dense, reused after a free): the most allocations
     /// live at once.
@@ -157,16 +172,29 @@ pub struct Trace {
 #[derive(Debug)]
 pub enum TraceError {
     /// The file is missing or unreadable.
-    Io { path: String, error: std::io::Error },
+    Io {
+        /// The trace's name (for [`load`], the path as given).
+        path: String,
+        /// The error opening or reading it.
+        error: std::io::Error,
+    },
     /// A malformed line: `FILE:LINE: expected ...`.
     Malformed {
+        /// The trace's name (for [`load`], the path as given).
         path: String,
+        /// The 1-based line.
         line: u64,
+        /// What was expected there, and what was found.
         message: String,
     },
     /// A snapshot that is not what `torch.cuda.memory._dump_snapshot` writes, or that has no
     /// trace for the device asked for: `FILE: message`.
-    Snapshot { path: String, message: String },
+    Snapshot {
+        /// The trace's name (for [`load`], the path as given).
+        path: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 impl fmt::Display for TraceError {
