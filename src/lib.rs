@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 mod allocator;
+mod buffer;
 pub mod bytes;
 pub mod config;
 mod device;
@@ -33,6 +34,7 @@ mod trace_log;
 
 pub(crate) use allocator::AddressMap;
 pub use allocator::{Allocation, Tessera};
+pub use buffer::{CudaBuffer, DeviceBuffer, DeviceRepr, ValidAsZeroBits};
 pub use config::{Backend, Config};
 pub use error::{Error, OomReport, Result};
 #[cfg(not(loom))]
