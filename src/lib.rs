@@ -34,7 +34,7 @@ mod trace_log;
 
 pub(crate) use allocator::AddressMap;
 pub use allocator::{Allocation, Tessera};
-pub use buffer::{CudaBuffer, DeviceBuffer, DeviceRepr, ValidAsZeroBits};
+pub use buffer::{CudaBuffer, DeviceBuffer, DeviceCopy, DeviceRepr};
 pub use config::{Backend, Config};
 pub use error::{Error, OomReport, Result};
 #[cfg(not(loom))]

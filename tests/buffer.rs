@@ -9,7 +9,7 @@ use common::*;
 use std::sync::Arc;
 use tessera::driver::sim::{Backing, SimConfig, SimDriver};
 use tessera::driver::{Call, CudaError, Driver, Stream};
-use tessera::{Config, DeviceBuffer, DeviceRepr, Error, Tessera};
+use tessera::{Config, DeviceBuffer, DeviceCopy, Error, Tessera};
 
 const S: Stream = Stream::DEFAULT;
 const A: Stream = Stream(1);
@@ -26,7 +26,7 @@ fn values<T>(n: usize, f: impl Fn(u64) -> T) -> Vec<T> {
 }
 
 /// `from_slice`, `to_vec`, `copy_to_slice`, then `copy_from_slice` of other values and back.
-fn round_trip<T: DeviceRepr + Copy + PartialEq + std::fmt::Debug>(t: &Tessera, a: &[T], b: &[T]) {
+fn round_trip<T: DeviceCopy + PartialEq + std::fmt::Debug>(t: &Tessera, a: &[T], b: &[T]) {
     let mut buf = DeviceBuffer::from_slice(t, 0, a, S).unwrap();
     assert_eq!(buf.len(), a.len());
     assert_eq!(buf.byte_len(), std::mem::size_of_val(a));
@@ -69,7 +69,6 @@ fn round_trips_of_several_types_and_lengths() {
             &values(n, |i| [i as f32, 1.0, -2.5, i as f32 * 4.0]),
             &values(n, |i| [0.0, i as f32, 0.0, 1.0]),
         );
-        round_trip(&t, &values(n, |i| i % 3 == 0), &values(n, |i| i % 2 == 0));
     }
     let s = t.stats(0).unwrap();
     assert_eq!((s.allocated_bytes, s.active_blocks), (0, 0));

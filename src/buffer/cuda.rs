@@ -14,7 +14,7 @@ use super::*;
 /// | `stream.launch_builder(&f).arg(&buf)` / `.arg(&mut buf)` | yes | yes (also `.arg(buf.kernel_arg())`) |
 /// | `stream.memcpy_htod(&host, &mut buf)`, `memcpy_dtoh(&buf, &mut host)` | yes | no: [`DeviceBuffer::copy_from_slice`] / [`copy_to_slice`](DeviceBuffer::copy_to_slice) |
 /// | `stream.clone_dtoh(&buf)` (and the deprecated `memcpy_dtov`) | yes | no: [`DeviceBuffer::to_vec`] |
-/// | `stream.memset_zeros(&mut buf)` | yes (`T: ValidAsZeroBits`) | no: [`DeviceBuffer::zeroed`] |
+/// | `stream.memset_zeros(&mut buf)` | yes | no: [`DeviceBuffer::zeroed`] |
 /// | `stream.memcpy_dtod(&src, &mut dst)` (each side a `CudaSlice` or a `CudaBuffer`) | yes | no |
 ///
 /// cudarc's copies assert (panic) when the destination is shorter than the source; tessera's
@@ -57,13 +57,13 @@ use super::*;
 /// assert_eq!(buf.to_vec()?, vec![1.0f32; 1024]); // tessera's
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
-pub struct CudaBuffer<'a, T: DeviceRepr> {
+pub struct CudaBuffer<'a, T: DeviceCopy> {
     // Declared first: dropped (freed) before the stream handle goes.
     pub(super) buf: DeviceBuffer<'a, T>,
     pub(super) stream: Arc<CudaStream>,
 }
 
-impl<'a, T: DeviceRepr> CudaBuffer<'a, T> {
+impl<'a, T: DeviceCopy> CudaBuffer<'a, T> {
     /// The device index and tessera stream of `stream`, checked against `alloc`.
     pub(super) fn place(alloc: &Tessera, stream: &CudaStream) -> Result<(usize, Stream)> {
         if alloc.driver().name() == "sim" {
@@ -120,10 +120,7 @@ impl<'a, T: DeviceRepr> CudaBuffer<'a, T> {
     /// assert_eq!(stream.clone_dtoh(&buf)?, vec![0.0; 100]);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn zeroed(alloc: &'a Tessera, stream: &Arc<CudaStream>, len: usize) -> Result<Self>
-    where
-        T: ValidAsZeroBits,
-    {
+    pub fn zeroed(alloc: &'a Tessera, stream: &Arc<CudaStream>, len: usize) -> Result<Self> {
         let (device, s) = Self::place(alloc, stream)?;
         Ok(CudaBuffer {
             buf: DeviceBuffer::zeroed(alloc, device, len, s)?,
@@ -240,27 +237,23 @@ impl<'a, T: DeviceRepr> CudaBuffer<'a, T> {
         self.buf
     }
 
-    /// How cudarc's calls on `stream` may use the buffer: on its own stream, nothing to do;
-    /// on another stream of its device, that stream waits for this one and is recorded; on
-    /// another device, the operation is synchronised when the returned guard drops.
+    /// How cudarc's calls on `stream` may use the buffer: on its own stream, nothing to do. On
+    /// any other stream (of this device or another), that stream first waits for the buffer's own
+    /// (`CudaStream::join`), and the operation is finished before the returned guard is gone
+    /// (`SyncOnDrop::sync_stream`): so the buffer's own stream, and its free, never race with it
+    /// in either direction, and no event has to be recorded on a stream the buffer does not keep
+    /// alive. Cross-stream use costs a synchronisation; use the buffer on its own stream (or
+    /// [`set_cuda_stream`](Self::set_cuda_stream)) on hot paths.
     fn use_on<'s>(&'s self, stream: &'s CudaStream) -> SyncOnDrop<'s> {
         if self.buf.ptr == 0 || stream.cu_stream() == self.stream.cu_stream() {
             return SyncOnDrop::Sync(None);
         }
-        if stream.context().ordinal() != self.buf.device {
-            return SyncOnDrop::sync_stream(stream);
-        }
         stream.context().record_err(stream.join(&self.stream));
-        match self.buf.record_stream(Stream(stream.cu_stream() as u64)) {
-            Ok(()) => SyncOnDrop::Sync(None),
-            // Not recorded: finish the operation before returning, so that nothing of it is
-            // left running when the buffer is freed.
-            Err(_) => SyncOnDrop::sync_stream(stream),
-        }
+        SyncOnDrop::sync_stream(stream)
     }
 }
 
-impl<'a, T: DeviceRepr> Deref for CudaBuffer<'a, T> {
+impl<'a, T: DeviceCopy> Deref for CudaBuffer<'a, T> {
     type Target = DeviceBuffer<'a, T>;
 
     fn deref(&self) -> &DeviceBuffer<'a, T> {
@@ -268,7 +261,7 @@ impl<'a, T: DeviceRepr> Deref for CudaBuffer<'a, T> {
     }
 }
 
-impl<T: DeviceRepr> fmt::Debug for CudaBuffer<'_, T> {
+impl<T: DeviceCopy> fmt::Debug for CudaBuffer<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CudaBuffer")
             .field("buffer", &self.buf)
@@ -280,7 +273,7 @@ impl<T: DeviceRepr> fmt::Debug for CudaBuffer<'_, T> {
     }
 }
 
-impl<T: DeviceRepr> DeviceSlice<T> for CudaBuffer<'_, T> {
+impl<T: DeviceCopy> DeviceSlice<T> for CudaBuffer<'_, T> {
     fn len(&self) -> usize {
         self.buf.len
     }
@@ -290,13 +283,13 @@ impl<T: DeviceRepr> DeviceSlice<T> for CudaBuffer<'_, T> {
     }
 }
 
-impl<T: DeviceRepr> cudarc::driver::DevicePtr<T> for CudaBuffer<'_, T> {
+impl<T: DeviceCopy> cudarc::driver::DevicePtr<T> for CudaBuffer<'_, T> {
     fn device_ptr<'s>(&'s self, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
         (self.buf.ptr, self.use_on(stream))
     }
 }
 
-impl<T: DeviceRepr> DevicePtrMut<T> for CudaBuffer<'_, T> {
+impl<T: DeviceCopy> DevicePtrMut<T> for CudaBuffer<'_, T> {
     fn device_ptr_mut<'s>(&'s mut self, stream: &'s CudaStream) -> (u64, SyncOnDrop<'s>) {
         (self.buf.ptr, self.use_on(stream))
     }
@@ -304,7 +297,7 @@ impl<T: DeviceRepr> DevicePtrMut<T> for CudaBuffer<'_, T> {
 
 // SAFETY: as for `&DeviceBuffer`: the pointer is pushed by reference through cudarc's `&u64`
 // implementation, borrowed for `'b`, which outlives the builder.
-unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceRepr> PushKernelArg<&'b CudaBuffer<'c, T>>
+unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceCopy> PushKernelArg<&'b CudaBuffer<'c, T>>
     for LaunchArgs<'a>
 {
     #[inline(always)]
@@ -314,7 +307,7 @@ unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceRepr> PushKernelArg<&'b CudaBuffer<'c, 
 }
 
 // SAFETY: as for `&CudaBuffer`; the exclusive borrow says the kernel may write the memory.
-unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceRepr> PushKernelArg<&'b mut CudaBuffer<'c, T>>
+unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceCopy> PushKernelArg<&'b mut CudaBuffer<'c, T>>
     for LaunchArgs<'a>
 {
     #[inline(always)]

@@ -24,8 +24,8 @@
 //! - Unless the buffer came from the `unsafe` [`DeviceBuffer::uninit`], every element holds a valid
 //!   `T` whenever the host can read it: [`from_slice`](DeviceBuffer::from_slice) and
 //!   [`copy_from_slice`](DeviceBuffer::copy_from_slice) copy valid `T`s in, and
-//!   [`zeroed`](DeviceBuffer::zeroed) needs `T: ValidAsZeroBits`. Kernels (launched with cudarc's
-//!   `unsafe` `launch`) must keep it so: that is part of the launch's safety contract.
+//!   [`zeroed`](DeviceBuffer::zeroed) writes zeros, valid for every [`DeviceCopy`]. Reading back
+//!   does not rely on this invariant for soundness (see below), only for meaningful values.
 //! - Every later operation on a buffer is ordered after the earlier ones: tessera's host copies
 //!   and memsets run on the buffer's stream; [`set_stream`](DeviceBuffer::set_stream) makes the new
 //!   stream wait for the work queued on the old one before switching; a `CudaBuffer` used by cudarc
@@ -47,7 +47,7 @@
 //!   another device, or a `CudaBuffer` over the simulated device (whose pointers are host
 //!   addresses that no kernel can use), is [`Error::Unsupported`]. Nothing here panics.
 //! - **Reading device memory into host values** is sound because of the invariants above: the
-//!   bytes copied back form valid `T`s. `T: DeviceRepr` (cudarc's `unsafe` marker for plain data,
+//!   bytes copied back form valid `T`s. `T: DeviceCopy` (cudarc's `unsafe` marker for plain data,
 //!   which also covers `bool`) is not enough alone, since not every bit pattern is a valid `T`;
 //!   that is why [`DeviceBuffer::uninit`] is an `unsafe fn` (its memory holds whatever it held
 //!   before, possibly another type's bytes), and [`DeviceBuffer::zeroed`] needs `ValidAsZeroBits`.
@@ -69,10 +69,59 @@
 use crate::driver::{DevicePtr, Driver, Stream};
 use crate::error::{Error, Result};
 use crate::Tessera;
+pub use cudarc::driver::DeviceRepr;
 use cudarc::driver::{
     CudaStream, DevicePtrMut, DeviceSlice, LaunchArgs, PushKernelArg, SyncOnDrop,
 };
-pub use cudarc::driver::{DeviceRepr, ValidAsZeroBits};
+
+/// Plain data that may live in a [`DeviceBuffer`] and be copied back to the host: every bit
+/// pattern of `size_of::<T>()` bytes is a valid `T`, and `T` has no padding. Implemented for the
+/// integer and float primitives and arrays of them.
+///
+/// Why more than cudarc's [`DeviceRepr`]: device memory can hold any bytes. A safe raw call
+/// ([`Tessera::free`] of a buffer's pointer, a driver copy) can make two buffers share memory, and
+/// a kernel may write anything; reading those bytes back as a `bool` or an enum would be undefined
+/// behaviour, as a `u32` or an `f32` it is only a wrong value. No padding makes the byte views of
+/// host slices that the copies take fully initialised.
+///
+/// # Safety
+/// Implement it only for `#[repr(C)]` (or `#[repr(transparent)]`) types without padding whose
+/// fields are all `DeviceCopy`.
+///
+/// ```
+/// #[derive(Clone, Copy)]
+/// #[repr(C)]
+/// struct Pair {
+///     a: f32,
+///     b: u32,
+/// }
+/// // SAFETY: repr(C), two 4-byte fields, no padding, every bit pattern valid.
+/// unsafe impl tessera::DeviceRepr for Pair {}
+/// // SAFETY: as above.
+/// unsafe impl tessera::DeviceCopy for Pair {}
+/// ```
+///
+/// `bool` is not `DeviceCopy`:
+///
+/// ```compile_fail
+/// # use std::sync::Arc;
+/// # use tessera::driver::{sim::{SimConfig, SimDriver}, Stream};
+/// # use tessera::{Config, DeviceBuffer, Tessera};
+/// let alloc = Tessera::new(Arc::new(SimDriver::new(SimConfig::default())), Config::default()).unwrap();
+/// let b = DeviceBuffer::from_slice(&alloc, 0, &[true], Stream::DEFAULT);
+/// ```
+pub unsafe trait DeviceCopy: DeviceRepr + Copy + 'static {}
+
+macro_rules! device_copy {
+    ($($t:ty),*) => {
+        // SAFETY: primitive integers and floats: no padding, every bit pattern valid.
+        $(unsafe impl DeviceCopy for $t {})*
+    };
+}
+device_copy!(u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, f32, f64);
+// SAFETY: an array of `DeviceCopy` elements has no padding between them (size is a multiple of
+// alignment) and is valid for every bit pattern when each element is.
+unsafe impl<T: DeviceCopy, const N: usize> DeviceCopy for [T; N] {}
 use std::fmt;
 use std::marker::PhantomData;
 use std::mem::size_of;
@@ -179,7 +228,7 @@ fn order_after(drv: &dyn Driver, device: usize, from: Stream, to: Stream) -> Res
 /// assert_eq!(alloc.stats(0)?.active_blocks, 0);
 /// # Ok::<(), tessera::Error>(())
 /// ```
-pub struct DeviceBuffer<'a, T: DeviceRepr> {
+pub struct DeviceBuffer<'a, T: DeviceCopy> {
     alloc: &'a Tessera,
     device: usize,
     ptr: DevicePtr,
@@ -189,7 +238,7 @@ pub struct DeviceBuffer<'a, T: DeviceRepr> {
     _owns: PhantomData<T>,
 }
 
-impl<'a, T: DeviceRepr> DeviceBuffer<'a, T> {
+impl<'a, T: DeviceCopy> DeviceBuffer<'a, T> {
     /// Allocates room for `len` elements. The contents are whatever the memory held.
     fn allocate(alloc: &'a Tessera, device: usize, len: usize, stream: Stream) -> Result<Self> {
         check_device(alloc, device)?;
@@ -255,10 +304,7 @@ impl<'a, T: DeviceRepr> DeviceBuffer<'a, T> {
     /// assert!(buf.to_vec()?.iter().all(|&x| x == 0.0));
     /// # Ok::<(), tessera::Error>(())
     /// ```
-    pub fn zeroed(alloc: &'a Tessera, device: usize, len: usize, stream: Stream) -> Result<Self>
-    where
-        T: ValidAsZeroBits,
-    {
+    pub fn zeroed(alloc: &'a Tessera, device: usize, len: usize, stream: Stream) -> Result<Self> {
         let buf = Self::allocate(alloc, device, len, stream)?;
         if buf.ptr != 0 {
             alloc
@@ -381,7 +427,7 @@ impl<'a, T: DeviceRepr> DeviceBuffer<'a, T> {
             return Ok(());
         }
         // SAFETY: `src` covers `bytes` bytes (same length as the buffer, whose byte length fits in
-        // isize), borrowed for this call; `T: DeviceRepr` is plain data, whose bytes the driver
+        // isize), borrowed for this call; `T: DeviceCopy` is plain data, whose bytes the driver
         // only copies (on padding, see the module documentation).
         let src = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), bytes) };
         self.alloc
@@ -415,9 +461,9 @@ impl<'a, T: DeviceRepr> DeviceBuffer<'a, T> {
         if bytes == 0 {
             return Ok(());
         }
-        // SAFETY: `dst` covers `bytes` bytes, borrowed mutably for this call; the driver writes
-        // each byte once with a byte of the buffer, and the buffer holds valid `T`s (module
-        // invariant), so `dst` holds valid `T`s afterwards.
+        // SAFETY: `dst` covers `bytes` bytes of initialised `T`s without padding (`DeviceCopy`),
+        // borrowed mutably for this call; whatever bytes the driver writes, every bit pattern is
+        // a valid `T` (`DeviceCopy`), so `dst` holds valid `T`s afterwards.
         let dst = unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr().cast::<u8>(), bytes) };
         self.alloc
             .driver()
@@ -433,13 +479,19 @@ impl<'a, T: DeviceRepr> DeviceBuffer<'a, T> {
     /// # use tessera::{Config, DeviceBuffer, Tessera};
     /// # let sim = Arc::new(SimDriver::new(SimConfig { capacity: 1 << 30, ..SimConfig::default() }));
     /// # let alloc = Tessera::new(sim, Config::default())?;
-    /// let buf = DeviceBuffer::from_slice(&alloc, 0, &[true, false], Stream::DEFAULT)?;
-    /// assert_eq!(buf.to_vec()?, [true, false]);
+    /// let buf = DeviceBuffer::from_slice(&alloc, 0, &[7u16, 9], Stream::DEFAULT)?;
+    /// assert_eq!(buf.to_vec()?, [7, 9]);
     /// # Ok::<(), tessera::Error>(())
     /// ```
     pub fn to_vec(&self) -> Result<Vec<T>> {
         let bytes = self.byte_len();
-        let mut v = Vec::with_capacity(self.len);
+        // A failed host allocation is an error, not an abort.
+        let mut v = Vec::new();
+        v.try_reserve_exact(self.len)
+            .map_err(|_| Error::InvalidSize {
+                size: bytes as u64,
+                reason: "no host memory for a copy of the buffer",
+            })?;
         if bytes == 0 {
             // SAFETY: zero bytes: every element of a zero-sized `T` is valid and there is nothing
             // to copy (or `len` is 0).
@@ -457,8 +509,9 @@ impl<'a, T: DeviceRepr> DeviceBuffer<'a, T> {
         self.alloc
             .driver()
             .copy_from_device(self.device, dst, self.ptr, self.stream)?;
-        // SAFETY: the first `len` elements are initialised with the buffer's bytes, which are
-        // valid `T`s (module invariant); `len` is within the capacity.
+        // SAFETY: the first `len` elements are initialised (zeroed, then overwritten by the
+        // driver), and every bit pattern is a valid `T` (`DeviceCopy`); `len` is within the
+        // capacity.
         unsafe { v.set_len(self.len) };
         Ok(v)
     }
@@ -691,7 +744,7 @@ impl<'a, T: DeviceRepr> DeviceBuffer<'a, T> {
     }
 }
 
-impl<T: DeviceRepr> Drop for DeviceBuffer<'_, T> {
+impl<T: DeviceCopy> Drop for DeviceBuffer<'_, T> {
     /// Frees the memory with [`Tessera::free`]: reusable at once on the allocation's stream, and
     /// elsewhere once the work queued on it (and on streams recorded with
     /// [`record_stream`](DeviceBuffer::record_stream)) has finished. An error is ignored: there
@@ -703,7 +756,7 @@ impl<T: DeviceRepr> Drop for DeviceBuffer<'_, T> {
     }
 }
 
-impl<T: DeviceRepr> fmt::Debug for DeviceBuffer<'_, T> {
+impl<T: DeviceCopy> fmt::Debug for DeviceBuffer<'_, T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DeviceBuffer")
             .field("type", &std::any::type_name::<T>())
@@ -719,7 +772,7 @@ impl<T: DeviceRepr> fmt::Debug for DeviceBuffer<'_, T> {
 // `&u64`; the reference borrows the buffer for `'b`, which outlives the builder (`'b: 'a`), so the
 // pointer stays valid, and the memory stays allocated, until the launch has been queued. (What the
 // kernel does with the memory is the `unsafe` launch's contract.)
-unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceRepr> PushKernelArg<&'b DeviceBuffer<'c, T>>
+unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceCopy> PushKernelArg<&'b DeviceBuffer<'c, T>>
     for LaunchArgs<'a>
 {
     #[inline(always)]
@@ -729,7 +782,7 @@ unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceRepr> PushKernelArg<&'b DeviceBuffer<'c
 }
 
 // SAFETY: as for `&DeviceBuffer`; the exclusive borrow says the kernel may write the memory.
-unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceRepr> PushKernelArg<&'b mut DeviceBuffer<'c, T>>
+unsafe impl<'a, 'b: 'a, 'c: 'b, T: DeviceCopy> PushKernelArg<&'b mut DeviceBuffer<'c, T>>
     for LaunchArgs<'a>
 {
     #[inline(always)]
