@@ -427,8 +427,7 @@ impl<'a, T: DeviceCopy> DeviceBuffer<'a, T> {
             return Ok(());
         }
         // SAFETY: `src` covers `bytes` bytes (same length as the buffer, whose byte length fits in
-        // isize), borrowed for this call; `T: DeviceCopy` is plain data, whose bytes the driver
-        // only copies (on padding, see the module documentation).
+        // isize), borrowed for this call; `T: DeviceCopy` has no padding, so they are initialised.
         let src = unsafe { std::slice::from_raw_parts(src.as_ptr().cast::<u8>(), bytes) };
         self.alloc
             .driver()
@@ -484,35 +483,20 @@ impl<'a, T: DeviceCopy> DeviceBuffer<'a, T> {
     /// # Ok::<(), tessera::Error>(())
     /// ```
     pub fn to_vec(&self) -> Result<Vec<T>> {
-        let bytes = self.byte_len();
         // A failed host allocation is an error, not an abort.
         let mut v = Vec::new();
         v.try_reserve_exact(self.len)
             .map_err(|_| Error::InvalidSize {
-                size: bytes as u64,
+                size: self.byte_len() as u64,
                 reason: "no host memory for a copy of the buffer",
             })?;
-        if bytes == 0 {
-            // SAFETY: zero bytes: every element of a zero-sized `T` is valid and there is nothing
-            // to copy (or `len` is 0).
-            unsafe { v.set_len(self.len) };
-            return Ok(v);
+        // SAFETY: the capacity holds `len` elements, zeroed here, and the all-zero bit pattern is
+        // a valid `T` (`DeviceCopy`: every bit pattern is), so `len` elements are initialised.
+        unsafe {
+            std::ptr::write_bytes(v.as_mut_ptr(), 0, self.len);
+            v.set_len(self.len);
         }
-        let spare = v.spare_capacity_mut().as_mut_ptr().cast::<u8>();
-        // SAFETY: the spare capacity holds at least `len` elements, `bytes` bytes, writable and
-        // owned by `v`. Zeroing it first makes every byte initialised (padding included) before a
-        // byte slice covers it.
-        let dst = unsafe {
-            std::ptr::write_bytes(spare, 0, bytes);
-            std::slice::from_raw_parts_mut(spare, bytes)
-        };
-        self.alloc
-            .driver()
-            .copy_from_device(self.device, dst, self.ptr, self.stream)?;
-        // SAFETY: the first `len` elements are initialised (zeroed, then overwritten by the
-        // driver), and every bit pattern is a valid `T` (`DeviceCopy`); `len` is within the
-        // capacity.
-        unsafe { v.set_len(self.len) };
+        self.copy_to_slice(&mut v)?;
         Ok(v)
     }
 
