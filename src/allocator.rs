@@ -17,7 +17,7 @@ use crate::driver::{DevicePtr, Driver, Stream};
 use crate::error::{Error, Result};
 use crate::hooks::{HookId, Hooks};
 use crate::stats::{Snapshot, Stats};
-use crate::sync::{Arc, RwLock};
+use crate::sync::{Arc, Mutex, RwLock};
 use crate::trace_log::{TraceLog, TRACE_ENV_VAR};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -65,7 +65,10 @@ pub struct Tessera {
     driver: Arc<dyn Driver>,
     config: Config,
     devices: Vec<OnceLock<Arc<DeviceAllocator>>>,
-    init: std::sync::Mutex<()>,
+    /// Serializes device creation (the cold path only). A `crate::sync` lock so that a loom model
+    /// sees it: a `std` one would block loom's single OS thread for real when a model thread is
+    /// switched out while creating a device (its driver calls are loom sync points).
+    init: Mutex<()>,
     address_map: Arc<AddressMap>,
     hooks: Arc<Hooks>,
     /// Where every allocation and free is logged (`TESSERA_TRACE`, [`Tessera::trace_to`]).
@@ -114,7 +117,7 @@ impl Tessera {
             devices: (0..count).map(|_| OnceLock::new()).collect(),
             driver,
             config,
-            init: std::sync::Mutex::new(()),
+            init: Mutex::new(()),
             address_map: Arc::new(AddressMap::default()),
             hooks: Arc::new(Hooks::default()),
             trace: OnceLock::new(),
@@ -178,7 +181,7 @@ impl Tessera {
         }
         // Creation can fail (a driver error): serialize it, and leave the cell empty on failure
         // so that a later call tries again.
-        let _guard = self.init.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = self.init.lock();
         if let Some(d) = cell.get() {
             return Ok(d);
         }

@@ -28,7 +28,8 @@ pub type OomHook = std::sync::Arc<dyn Fn(usize, u64) + Send + Sync>;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct HookId(pub u64);
 
-thread_local! {
+// `crate::sync`'s: per model thread under loom (see there).
+crate::sync::thread_local! {
     /// The id of the hook this thread is running, if any.
     static RUNNING: Cell<Option<u64>> = const { Cell::new(None) };
 }

@@ -19,6 +19,26 @@ pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering
 #[cfg(loom)]
 pub(crate) use loom::sync::Arc;
 
+/// `thread_local!` for the crate's per-thread flags (the running hook, the in-hook flag), used as
+/// `crate::sync::thread_local!`. Outside loom it is `std`'s macro, unchanged. loom runs a model's
+/// threads as coroutines on one OS thread, so a `std` thread-local would be shared by all of them;
+/// loom's gives each model thread its own, as real threads have.
+#[cfg(not(loom))]
+pub(crate) use std::thread_local;
+
+/// loom's `thread_local!` takes a plain initializer (its `$init:expr` does not match `const { .. }`):
+/// this accepts the crate's `const { .. }` form and passes the expression inside on.
+/// (Named apart and renamed on export: a `macro_rules! thread_local` clashes with the built-in
+/// `#[thread_local]` attribute.)
+#[cfg(loom)]
+macro_rules! loom_thread_local {
+    ($(#[$attr:meta])* static $name:ident: $t:ty = const { $init:expr };) => {
+        loom::thread_local!($(#[$attr])* static $name: $t = $init;);
+    };
+}
+#[cfg(loom)]
+pub(crate) use loom_thread_local as thread_local;
+
 /// loom's `Mutex` returns a `LockResult`; this wrapper gives it `parking_lot`'s shape so that the
 /// rest of the crate is written once.
 #[cfg(loom)]

@@ -22,7 +22,8 @@ use crate::error::{Error, OomReport, Result};
 use crate::sync::MutexGuard;
 use std::cell::Cell;
 
-thread_local! {
+// `crate::sync`'s: per model thread under loom (see there).
+crate::sync::thread_local! {
     /// Set while this thread runs OOM hooks: its own failing allocations skip the hooks.
     static IN_HOOK: Cell<bool> = const { Cell::new(false) };
 }
