@@ -120,7 +120,7 @@ fn worker(shared: &Shared, k: usize, devices: usize, seed: u64, ops: u64) -> Cou
     let other = Stream(1 + 2 * (1 - k) as u64);
     let mut next_seed = seed << 32;
     for op in 0..ops {
-        if op % 64 == 0 {
+        if op.is_multiple_of(64) {
             let mut inbox = std::mem::take(&mut *shared.mailbox[k].lock().unwrap());
             for a in inbox.drain(..) {
                 check_pattern(&a);
@@ -215,7 +215,7 @@ fn run(backend: Backend, devices: usize, ops: u64, deadline: Option<Instant>) {
                 }
                 let s = shared.t.stats(device).unwrap();
                 assert!(s.allocated_bytes <= s.reserved_bytes, "{s:?}");
-                if round % 8 == 0 {
+                if round.is_multiple_of(8) {
                     shared.t.empty_cache(device).unwrap();
                 }
                 round += 1;
