@@ -3,7 +3,9 @@
 //!
 //! # Data
 //! `LAST`: per thread, the code and message of the last failing call. A success leaves it as it
-//! was (errno's rule); `tessera_clear_last_error` clears it.
+//! was (errno's rule); `tessera_clear_last_error` clears it. The message lives in a fixed buffer
+//! inside the thread-local (a longer one is cut, ending in `...`), so that the slot needs no
+//! destructor: see `LAST` for why.
 //!
 //! # Invariants
 //! - No panic leaves an entry point: [`run`] catches it and turns it into
@@ -16,7 +18,7 @@
 //! None: the state is thread-local.
 
 use std::cell::RefCell;
-use std::ffi::{c_char, c_int, CString};
+use std::ffi::{c_char, c_int};
 use std::io::Write as _;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
@@ -86,32 +88,88 @@ impl From<Error> for FfiError {
 
 pub(crate) type FfiResult<T> = Result<T, FfiError>;
 
+/// The longest message kept, in bytes with its NUL; a longer one is cut and ends in `...`.
+const MESSAGE_CAPACITY: usize = 4096;
+
+/// A thread's last error: its code and its NUL-terminated message (`message[0] == 0`: none).
+struct Last {
+    code: c_int,
+    message: [u8; MESSAGE_CAPACITY],
+}
+
 thread_local! {
-    static LAST: RefCell<(c_int, CString)> = RefCell::new((TESSERA_OK, CString::default()));
+    /// Plain data with a `const` initializer, so that the slot has no destructor, on purpose. A
+    /// thread-local that needs one is registered with the C runtime at its first use, and one first
+    /// used after the thread's thread-local destructors have run (from a pthread TLS-key
+    /// destructor, or an exit handler) is never destroyed: what it owns leaks. This slot owns no
+    /// memory, is never destroyed, and works at every stage of thread and process teardown.
+    static LAST: RefCell<Last> = const {
+        RefCell::new(Last {
+            code: TESSERA_OK,
+            message: [0; MESSAGE_CAPACITY],
+        })
+    };
 }
 
 /// Records `code` and `message` as this thread's last error.
 pub(crate) fn set_last_error(code: c_int, message: &str) {
-    // An interior NUL would cut the C string short; none of our messages has one, but a
-    // driver's text might.
-    let text = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    // `try_with`: during thread teardown the slot may be gone; the error is then dropped.
-    let _ = LAST.try_with(|l| *l.borrow_mut() = (code, text));
+    // `try_with`/`try_borrow_mut`: never panics, even should the slot be unreachable.
+    let _ = LAST.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            l.code = code;
+            let text = message.as_bytes();
+            let n = if text.len() < MESSAGE_CAPACITY {
+                text.len()
+            } else {
+                // Cut at a character boundary, leaving room for "..." and the NUL.
+                let mut n = MESSAGE_CAPACITY - 4;
+                while !message.is_char_boundary(n) {
+                    n -= 1;
+                }
+                n
+            };
+            l.message[..n].copy_from_slice(&text[..n]);
+            let mut end = n;
+            if n < text.len() {
+                l.message[n..n + 3].copy_from_slice(b"...");
+                end = n + 3;
+            }
+            // An interior NUL would cut the C string short; none of our messages has one, but a
+            // driver's text might.
+            for b in &mut l.message[..end] {
+                if *b == 0 {
+                    *b = b' ';
+                }
+            }
+            l.message[end] = 0;
+        }
+    });
 }
 
-/// This thread's last error message, valid until its next failing call.
+/// This thread's last error message, valid until its next failing call (or clear).
 pub(crate) fn last_error_ptr() -> *const c_char {
     static EMPTY: &[u8] = b"\0";
-    LAST.try_with(|l| l.borrow().1.as_ptr())
-        .unwrap_or(EMPTY.as_ptr().cast())
+    LAST.try_with(|l| {
+        // SAFETY: `addr_of!` makes a pointer to the field without a reference, so no borrow is
+        // taken or held; the slot lives as long as the thread and never moves, and `message` is
+        // always NUL-terminated.
+        unsafe { std::ptr::addr_of!((*l.as_ptr()).message) }.cast::<c_char>()
+    })
+    .unwrap_or(EMPTY.as_ptr().cast())
 }
 
 pub(crate) fn last_error_code() -> c_int {
-    LAST.try_with(|l| l.borrow().0).unwrap_or(TESSERA_OK)
+    LAST.try_with(|l| l.try_borrow().map_or(TESSERA_OK, |l| l.code))
+        .unwrap_or(TESSERA_OK)
 }
 
 pub(crate) fn clear_last_error() {
-    let _ = LAST.try_with(|l| *l.borrow_mut() = (TESSERA_OK, CString::default()));
+    let _ = LAST.try_with(|l| {
+        if let Ok(mut l) = l.try_borrow_mut() {
+            l.code = TESSERA_OK;
+            l.message[0] = 0;
+        }
+    });
 }
 
 /// Set by the first panic caught at the boundary: the allocator's state may be half-changed (its
@@ -233,6 +291,27 @@ mod tests {
         assert!(e.message.contains("99"));
         let e: FfiError = Error::DoubleFree { ptr: 16, device: 0 }.into();
         assert_eq!(e.code, TESSERA_ERROR_DOUBLE_FREE);
+    }
+
+    #[test]
+    fn the_slot_needs_no_destructor() {
+        // What keeps it usable, and leak-free, in TLS-key destructors and exit handlers.
+        assert!(!std::mem::needs_drop::<RefCell<Last>>());
+    }
+
+    #[test]
+    fn a_long_message_is_cut_at_a_character_boundary() {
+        let long = "é".repeat(MESSAGE_CAPACITY);
+        set_last_error(TESSERA_ERROR_CONFIG, &long);
+        let (code, msg) = last();
+        assert_eq!(code, TESSERA_ERROR_CONFIG);
+        assert!(msg.len() < MESSAGE_CAPACITY && msg.len() > MESSAGE_CAPACITY - 8);
+        assert!(msg.ends_with("é...") && !msg.contains('\u{fffd}'), "{msg}");
+        let exact = "x".repeat(MESSAGE_CAPACITY - 1);
+        set_last_error(TESSERA_ERROR_CONFIG, &exact);
+        assert_eq!(last().1, exact);
+        set_last_error(TESSERA_ERROR_CONFIG, "short");
+        assert_eq!(last().1, "short");
     }
 
     #[test]

@@ -144,7 +144,8 @@ pub extern "C-unwind" fn tessera_torch_malloc(
 ) -> *mut c_void {
     let p = tessera_malloc(size, device, stream);
     if p.is_null() && size != 0 {
-        // During thread teardown no error can be recorded; say so rather than throw "".
+        // Should no error have been recorded (the slot works even in thread teardown, so this is
+        // defensive), say so rather than throw "".
         let message = match error::last_error_code() {
             TESSERA_OK => c"tessera: allocation failed (no error could be recorded)".as_ptr(),
             _ => error::last_error_ptr(),

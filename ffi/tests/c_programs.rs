@@ -1,8 +1,17 @@
-//! The C ABI from C and C++: compiles `tests/c/abi_test.c` (gcc, C11) and
-//! `tests/c/torch_malloc_test.cpp` (g++, C++17) against `include/tessera.h`, links them to the
-//! `libtessera.so` of this build, and runs them on the simulated device. Each program checks real
-//! behaviour (patterns in every live allocation, exact stats, error codes, the C++ exception) and
-//! exits non-zero with a message at its first failure; this test prints that output and fails.
+//! The C ABI from C and C++: compiles `tests/c/abi_test.c` and `tests/c/teardown_test.c` (gcc,
+//! C11) and `tests/c/torch_malloc_test.cpp` (g++, C++17) against `include/tessera.h`, links them to
+//! the `libtessera.so` of this build, and runs them on the simulated device. Each program checks
+//! real behaviour (patterns in every live allocation, exact stats, error codes, bad input at every
+//! entry point, calls during process and thread teardown, the C++ exception) and exits non-zero
+//! with a message at its failures; this test prints that output and fails.
+//!
+//! # Under valgrind
+//! [`valgrind_memcheck_finds_nothing_in_the_c_programs`] runs `abi_test` and `teardown_test` under
+//! valgrind's memcheck: no invalid access, no use of uninitialised memory, and nothing definitely
+//! or indirectly lost at exit (memory the allocator still holds at exit is reachable from its
+//! statics by design, and is not a leak). Without valgrind on PATH (or `VALGRIND=/path`) the test
+//! prints a skip line and passes, unless `TESSERA_REQUIRE_VALGRIND=1`, as CI sets, makes it fail.
+//! `scripts/valgrind-abi.sh` runs the same by hand.
 //!
 //! # Where the library comes from
 //! Cargo does not build a package's `cdylib` before running that package's integration tests: a
@@ -20,6 +29,7 @@
 //!
 //! # Needs
 //! `gcc` and `g++` on PATH (or `CC`/`CXX`); a missing compiler fails the test (CI has both).
+//! valgrind for the memcheck test (see above).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -256,6 +266,19 @@ fn abi_test() -> &'static Path {
     EXE.get_or_init(|| compile("CC", "gcc", "-std=c11", "tests/c/abi_test.c", "abi_test"))
 }
 
+fn teardown_test() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        compile(
+            "CC",
+            "gcc",
+            "-std=c11",
+            "tests/c/teardown_test.c",
+            "teardown_test",
+        )
+    })
+}
+
 fn torch_malloc_test() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
     EXE.get_or_init(|| {
@@ -271,7 +294,17 @@ fn torch_malloc_test() -> &'static Path {
 
 /// Runs a compiled program on the simulated device: (status, stdout, stderr).
 fn run_on_sim(exe: &Path, sim: &str) -> (ExitStatus, String, String) {
-    let mut cmd = Command::new(exe);
+    run_on_sim_with(Command::new(exe), exe, sim, &[])
+}
+
+/// Runs `cmd` (which runs `exe`, perhaps under a tool) on the simulated device with the extra
+/// environment `env`.
+fn run_on_sim_with(
+    mut cmd: Command,
+    exe: &Path,
+    sim: &str,
+    env: &[(&str, &Path)],
+) -> (ExitStatus, String, String) {
     cmd.env("TESSERA_DRIVER", "sim")
         .env("TESSERA_SIM", sim)
         // The programs configure tessera themselves; none of the caller's settings may leak in.
@@ -280,6 +313,9 @@ fn run_on_sim(exe: &Path, sim: &str) -> (ExitStatus, String, String) {
         // The rpath names the library of this build; cargo's LD_LIBRARY_PATH must not override it.
         .env_remove("LD_LIBRARY_PATH")
         .current_dir(out_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
     run_with_limit(cmd, Duration::from_secs(300), &exe.display().to_string())
 }
 
@@ -320,4 +356,260 @@ fn a_failing_check_fails_the_program() {
         stderr.contains("abi_test: FAIL") && stderr.contains("tessera_device_count()"),
         "the failure message does not say what failed:\n{stderr}"
     );
+}
+
+/// A trace file for one run of teardown_test, removed first so that a stale one cannot pass.
+fn fresh_trace_path(name: &str) -> PathBuf {
+    let path = out_dir().join(name);
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+/// tessera called from an atexit handler (after tessera's own trace flush), from pthread TLS-key
+/// destructors (after the thread's thread_local destructors) and from a destructor function: every
+/// call returns its value or error code, nothing crashes or aborts, and the trace file written
+/// with `TESSERA_TRACE` stays well-formed, holding every event made before exit.
+#[test]
+fn c_teardown_test_calls_tessera_during_exit_and_thread_teardown() {
+    let exe = teardown_test();
+    let trace = fresh_trace_path("teardown.trace");
+    let sim = "devices:1,capacity:64MiB,granularity:2MiB";
+    let (status, stdout, stderr) =
+        run_on_sim_with(Command::new(exe), exe, sim, &[("TESSERA_TRACE", &trace)]);
+    let context = format!("--- stdout:\n{stdout}\n--- stderr:\n{stderr}");
+    assert!(
+        status.success() && stdout.contains("teardown_test: OK"),
+        "{} failed ({status}) on TESSERA_SIM={sim}, library {}\n{context}",
+        exe.display(),
+        library().display(),
+    );
+    // Each stage ran, in the order glibc promises (the program checks the order itself).
+    let stages = [
+        "(b) TLS-key destructor, thread that used tessera",
+        "(b) TLS-key destructor, thread that never used tessera",
+        "(a) atexit handler",
+        "(c) destructor function",
+    ];
+    let mut at = 0;
+    for stage in stages {
+        let found = stdout[at..]
+            .find(&format!("stage '{stage}"))
+            .unwrap_or_else(|| {
+                panic!("stage {stage:?} did not report, or out of order\n{context}")
+            });
+        at += found + 1;
+    }
+    // stderr: one line per refused free (one per stage), nothing else: no panic, no abort.
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() == stages.len()
+            && lines
+                .iter()
+                .all(|l| l.starts_with("tessera: tessera_free(") && l.contains("unknown pointer")),
+        "stderr should hold exactly one refused-free line per stage\n{context}"
+    );
+
+    // The trace: whole lines, parsed by the replay reader without error or problem, holding the
+    // events made before exit (those made after tessera's exit-time flush are not flushed).
+    let text = std::fs::read_to_string(&trace)
+        .unwrap_or_else(|e| panic!("reading the trace {}: {e}\n{context}", trace.display()));
+    assert!(
+        text.ends_with('\n'),
+        "the trace ends inside a line:\n{text}"
+    );
+    let parsed = tessera_core::replay::trace::load(&trace, 0)
+        .unwrap_or_else(|e| panic!("the trace is malformed: {e}\n{text}"));
+    assert!(
+        parsed.problems.is_empty(),
+        "the trace has problems: {:?}\n{text}",
+        parsed.problems
+    );
+    assert!(
+        parsed
+            .meta
+            .as_ref()
+            .is_some_and(|m| m["format"] == "tessera-trace"),
+        "the trace lacks its metadata line:\n{text}"
+    );
+    let (allocs, frees) = parsed.events.iter().fold((0, 0), |(a, f), e| match e.op {
+        tessera_core::replay::trace::Op::Alloc { .. } => (a + 1, f),
+        tessera_core::replay::trace::Op::Free { .. } => (a, f + 1),
+    });
+    let want =
+        format!("the trace holds the {allocs} allocations and {frees} frees made before exit");
+    assert!(
+        stdout.contains(&want),
+        "the trace holds {allocs} allocations and {frees} frees; the program says otherwise\n{context}"
+    );
+    print!("{stdout}");
+}
+
+/// The harness sees a failing teardown_test: on a device too small for the blocks it keeps
+/// for its teardown stages, it must report the failures and exit 1, not 0 and not by a signal.
+#[test]
+fn a_failing_teardown_check_fails_the_program() {
+    let exe = teardown_test();
+    let trace = fresh_trace_path("teardown-failing.trace");
+    let (status, stdout, stderr) = run_on_sim_with(
+        Command::new(exe),
+        exe,
+        "devices:1,capacity:8MiB,granularity:2MiB",
+        &[("TESSERA_TRACE", &trace)],
+    );
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "teardown_test on an 8 MiB device should fail with status 1\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("teardown_test: FAIL in stage 'main'")
+            && stderr.contains("no live block to free")
+            && !stdout.contains("teardown_test: OK"),
+        "the failure message does not say what failed:\n{stdout}\n{stderr}"
+    );
+}
+
+/// valgrind, from `VALGRIND` or PATH; `None` when there is none.
+fn valgrind() -> Option<PathBuf> {
+    if let Some(v) = std::env::var_os("VALGRIND") {
+        return Some(PathBuf::from(v));
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("valgrind"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The arguments every memcheck run gets: any error, and any definitely or indirectly lost block,
+/// makes valgrind exit with status 99. (Possibly lost and still reachable blocks are the
+/// allocator's own state, kept alive by its statics until the process ends, as designed.)
+/// `--track-origins=yes` would double the run time; to find where an uninitialised value came
+/// from, rerun with `VALGRIND_OPTS=--track-origins=yes` (valgrind reads it itself).
+const VALGRIND_ARGS: [&str; 5] = [
+    "--tool=memcheck",
+    "--error-exitcode=99",
+    "--leak-check=full",
+    "--errors-for-leak-kinds=definite,indirect",
+    "--show-leak-kinds=definite,indirect",
+];
+
+/// The summary lines of a valgrind run's stderr (its own lines start with `==pid==`).
+fn valgrind_summary(stderr: &str) -> Vec<String> {
+    stderr
+        .lines()
+        .filter(|l| l.starts_with("=="))
+        .filter(|l| {
+            [
+                "ERROR SUMMARY",
+                "definitely lost:",
+                "indirectly lost:",
+                "possibly lost:",
+                "still reachable:",
+                "All heap blocks were freed",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        })
+        .map(|l| {
+            l.split_once("== ")
+                .map_or(l, |(_, rest)| rest)
+                .trim()
+                .to_string()
+        })
+        .collect()
+}
+
+/// Runs `exe` under memcheck and checks it: the program's own OK line, exit status 0 (99 is
+/// valgrind's: an error or a leak), and a summary with no error and nothing definitely or
+/// indirectly lost. Returns the summary and the time taken.
+fn memcheck(
+    valgrind: &Path,
+    exe: &Path,
+    sim: &str,
+    env: &[(&str, &Path)],
+    ok_line: &str,
+) -> (Vec<String>, Duration) {
+    let mut cmd = Command::new(valgrind);
+    cmd.args(VALGRIND_ARGS);
+    let supp = repo_root().join("tests/c/valgrind.supp");
+    if supp.is_file() {
+        cmd.arg(format!("--suppressions={}", supp.display()));
+    }
+    cmd.arg(exe);
+    let start = Instant::now();
+    let (status, stdout, stderr) = run_on_sim_with(cmd, exe, sim, env);
+    let took = start.elapsed();
+    let summary = valgrind_summary(&stderr);
+    let context = format!(
+        "{} under valgrind: {status}\n--- stdout:\n{stdout}\n--- stderr:\n{stderr}",
+        exe.display()
+    );
+    assert_ne!(
+        status.code(),
+        Some(99),
+        "valgrind found invalid accesses or leaks\n{context}"
+    );
+    assert!(
+        status.success() && stdout.contains(ok_line),
+        "the program failed under valgrind\n{context}"
+    );
+    assert!(
+        summary
+            .iter()
+            .any(|l| l.starts_with("ERROR SUMMARY: 0 errors")),
+        "no clean ERROR SUMMARY line\n{context}"
+    );
+    let clean_heap = summary
+        .iter()
+        .any(|l| l.starts_with("All heap blocks were freed"))
+        || (summary
+            .iter()
+            .any(|l| l.starts_with("definitely lost: 0 bytes in 0 blocks"))
+            && summary
+                .iter()
+                .any(|l| l.starts_with("indirectly lost: 0 bytes in 0 blocks")));
+    assert!(clean_heap, "no clean leak summary\n{context}");
+    (summary, took)
+}
+
+#[test]
+fn valgrind_memcheck_finds_nothing_in_the_c_programs() {
+    let Some(valgrind) = valgrind() else {
+        assert!(
+            std::env::var("TESSERA_REQUIRE_VALGRIND").as_deref() != Ok("1"),
+            "TESSERA_REQUIRE_VALGRIND=1 but valgrind is not on PATH (set VALGRIND=/path/to/valgrind, \
+             or apt-get install valgrind)"
+        );
+        println!(
+            "SKIPPED: valgrind_memcheck_finds_nothing_in_the_c_programs: valgrind not found on PATH \
+             (TESSERA_REQUIRE_VALGRIND=1 makes this a failure)"
+        );
+        return;
+    };
+    // Compile (and build the library) before the clock starts, and run the two at once.
+    let (abi, teardown) = (abi_test(), teardown_test());
+    let trace = fresh_trace_path("teardown-valgrind.trace");
+    let teardown_run = std::thread::scope(|scope| {
+        let t = scope.spawn(|| {
+            memcheck(
+                &valgrind,
+                teardown,
+                "devices:1,capacity:64MiB,granularity:2MiB",
+                &[("TESSERA_TRACE", &trace)],
+                "teardown_test: OK",
+            )
+        });
+        let abi_run = memcheck(&valgrind, abi, SIM, &[], "abi_test: OK");
+        (abi_run, t.join())
+    });
+    let (abi_run, teardown_run) = teardown_run;
+    let teardown_run = teardown_run.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    for (name, (summary, took)) in [("abi_test", abi_run), ("teardown_test", teardown_run)] {
+        println!(
+            "valgrind {name} ({:.1} s): {}",
+            took.as_secs_f64(),
+            summary.join(" | ")
+        );
+    }
 }

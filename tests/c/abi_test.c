@@ -16,6 +16,7 @@
 #define _POSIX_C_SOURCE 200809L
 
 #include <inttypes.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -1230,6 +1231,496 @@ static void phase_bad_input(void) {
   check_all();
 }
 
+/* ---------------------------------------------------------------------------------------------
+ * Bad input at every entry point that takes a pointer, a size or a device, systematically: each
+ * refusal must give the documented failure value, record the right code with a message that names
+ * the offending value, and change nothing (every device's stats identical, every live pattern
+ * intact). The documented no-ops (size 0, free(NULL), the ignored size/stream of a free) must
+ * record no error and change nothing either.
+ * ------------------------------------------------------------------------------------------- */
+
+/* Device indices no entry point may accept (-1 means "every device" only for empty_cache and
+ * "find it by pointer" only for free, which have their own cases). */
+static const int BAD_DEVICES[] = {-1, NDEV, 99, INT_MIN, INT_MAX};
+#define NBAD_DEVICES (sizeof BAD_DEVICES / sizeof BAD_DEVICES[0])
+
+typedef struct {
+  const char *entry;
+  unsigned long tried;
+} bad_count_t;
+
+static bad_count_t bad_counts[] = {
+    {"tessera_malloc", 0},       {"tessera_free", 0},           {"tessera_record_stream", 0},
+    {"tessera_empty_cache", 0},  {"tessera_set_limit", 0},      {"tessera_set_memory_fraction", 0},
+    {"tessera_get_stats", 0},    {"tessera_snapshot_json", 0},  {"tessera_reset_peak_stats", 0},
+    {"tessera_check_invariants", 0}, {"tessera_base_alloc", 0}, {"tessera_init", 0},
+    {"tessera_add_oom_hook", 0}, {"tessera_remove_oom_hook", 0}, {"tessera_configure", 0},
+};
+#define NBAD_COUNTS (sizeof bad_counts / sizeof bad_counts[0])
+
+static void count_bad(const char *entry) {
+  size_t i;
+  for (i = 0; i < NBAD_COUNTS; i++)
+    if (strcmp(bad_counts[i].entry, entry) == 0) {
+      bad_counts[i].tried++;
+      return;
+    }
+  CHECK(0, "internal: no counter for %s", entry);
+}
+
+static tessera_stats bad_before[NDEV];
+static char bad_what[256];
+
+/* Before a bad call: every device's stats, no last error, and the description of the call. */
+static void bad_begin(const char *fmt, ...) {
+  va_list ap;
+  int d;
+  va_start(ap, fmt);
+  vsnprintf(bad_what, sizeof bad_what, fmt, ap);
+  va_end(ap);
+  for (d = 0; d < NDEV; d++) bad_before[d] = stats(d);
+  tessera_clear_last_error();
+}
+
+/* Every device's stats are as in bad_begin except the fields named in `ignore`; every live
+ * allocation keeps its pattern. */
+static void bad_nothing_changed(const char *ignore) {
+  int d;
+  for (d = 0; d < NDEV; d++) {
+    tessera_stats now = stats(d);
+    char what[320];
+    snprintf(what, sizeof what, "%s (device %d)", bad_what, d);
+    expect_same_except(&bad_before[d], &now, ignore, what);
+  }
+  check_all();
+}
+
+/* After a refused call to `entry`: the last error is `code`, its message contains `needle` (when
+ * not NULL), and nothing changed but the fields in `ignore`. */
+static void bad_end(const char *entry, int code, const char *needle, const char *ignore) {
+  EXPECT_ERROR(code, bad_what);
+  if (needle)
+    CHECK(strstr(tessera_last_error(), needle) != NULL,
+          "%s: the error message should name \"%s\": \"%s\"", bad_what, needle,
+          tessera_last_error());
+  bad_nothing_changed(ignore);
+  tessera_clear_last_error();
+  count_bad(entry);
+}
+
+/* After a documented no-op of `entry`: no error recorded, nothing changed. */
+static void bad_end_no_error(const char *entry) {
+  EXPECT_NO_ERROR(bad_what);
+  bad_nothing_changed("");
+  count_bad(entry);
+}
+
+static const char *device_needle(int dev) {
+  static char buf[48];
+  snprintf(buf, sizeof buf, "invalid device %d", dev);
+  return buf;
+}
+
+static const char *pointer_needle(const char *prefix, const void *p) {
+  static char buf[64];
+  snprintf(buf, sizeof buf, "%s 0x%" PRIxPTR, prefix, (uintptr_t)p);
+  return buf;
+}
+
+/* tessera_free of a pointer the allocator must refuse on a named device (or -1): bad_free checks
+ * the code, the one stderr line and the patterns; here also the stats, counted on `counted_on`. */
+static void bad_free_counted(void *p, int dev_arg, int code, int counted_on, const char *fmt,
+                             ...) {
+  va_list ap;
+  int d;
+  char what[256];
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  bad_begin("%s", what);
+  bad_free(p, dev_arg, code, what);
+  CHECK(strstr(tessera_last_error(), code == TESSERA_ERROR_DOUBLE_FREE
+                                         ? pointer_needle("double free of", p)
+                                         : pointer_needle("unknown pointer", p)) != NULL,
+        "%s: the message does not name the pointer: \"%s\"", what, tessera_last_error());
+  for (d = 0; d < NDEV; d++) {
+    tessera_stats now = stats(d);
+    uint64_t want = bad_before[d].invalid_frees + (d == counted_on ? 1 : 0);
+    CHECK(now.invalid_frees == want,
+          "%s: device %d invalid_frees %" PRIu64 " -> %" PRIu64 ", expected %" PRIu64, what, d,
+          bad_before[d].invalid_frees, now.invalid_frees, want);
+  }
+  bad_nothing_changed("invalid_frees");
+  tessera_clear_last_error();
+  count_bad("tessera_free");
+}
+
+static void phase_bad_input_matrix(void) {
+  static char host_thing[4096];
+  void *const unknown[] = {host_thing, host_thing + 100, (void *)(uintptr_t)1,
+                           (void *)(uintptr_t)UINTPTR_MAX, (void *)(uintptr_t)(UINTPTR_MAX - 511)};
+  const size_t nunknown = sizeof unknown / sizeof unknown[0];
+  void *big0, *small0, *big1, *small1, *gone, *p, *b;
+  size_t i, sz, r;
+  int rc, d;
+  phase = "bad input at every entry point";
+
+  /* Live allocations on both devices, whose patterns every case checks. */
+  big0 = alloc_ok(3 * MIB + 512, 0, STREAM_A);
+  small0 = alloc_ok(1000, 0, STREAM_B);
+  big1 = alloc_ok(5 * MIB, 1, STREAM_B);
+  small1 = alloc_ok(4096, 1, STREAM_A);
+  gone = alloc_ok(2 * MIB, 1, STREAM_A);
+  free_ok(gone, 1); /* a pointer freed once: every later use of it is bad */
+
+  /* --- tessera_malloc: sizes no device can serve, bad devices, size 0 --------------------- */
+  {
+    const size_t bad_sizes[] = {SIZE_MAX, SIZE_MAX - 511, ((size_t)1 << 56) + 1};
+    for (i = 0; i < sizeof bad_sizes / sizeof bad_sizes[0]; i++) {
+      char needle[64];
+      bad_begin("tessera_malloc(%zu, device 0)", bad_sizes[i]);
+      p = tessera_malloc(bad_sizes[i], 0, STREAM_A);
+      CHECK(p == NULL, "%s returned %p", bad_what, p);
+      snprintf(needle, sizeof needle, "invalid size %zu", bad_sizes[i]);
+      bad_end("tessera_malloc", TESSERA_ERROR_INVALID_SIZE, needle, "");
+    }
+    /* The largest request tessera takes, far beyond the device: an OOM, counted as one. */
+    bad_begin("tessera_malloc(64 PiB, device 1)");
+    p = tessera_malloc((size_t)1 << 56, 1, STREAM_A);
+    CHECK(p == NULL, "%s returned %p", bad_what, p);
+    CHECK(stats(1).ooms == bad_before[1].ooms + 1, "%s: not counted in ooms", bad_what);
+    bad_end("tessera_malloc", TESSERA_ERROR_OUT_OF_MEMORY, "CUDA out of memory.", "ooms");
+  }
+  for (i = 0; i < NBAD_DEVICES; i++) {
+    bad_begin("tessera_malloc(4096, device %d)", BAD_DEVICES[i]);
+    p = tessera_malloc(4096, BAD_DEVICES[i], STREAM_A);
+    CHECK(p == NULL, "%s returned %p", bad_what, p);
+    bad_end("tessera_malloc", TESSERA_ERROR_INVALID_DEVICE, device_needle(BAD_DEVICES[i]), "");
+  }
+  bad_begin("tessera_malloc(SIZE_MAX, device 99)");
+  p = tessera_malloc(SIZE_MAX, 99, STREAM_A);
+  CHECK(p == NULL, "%s returned %p", bad_what, p);
+  bad_end("tessera_malloc", TESSERA_ERROR_INVALID_DEVICE, device_needle(99), "");
+  /* Size 0: NULL and no error, whatever the device (the documented contract). */
+  {
+    const int devs[] = {0, -1, 99};
+    for (i = 0; i < 3; i++) {
+      bad_begin("tessera_malloc(0, device %d)", devs[i]);
+      p = tessera_malloc(0, devs[i], STREAM_A);
+      CHECK(p == NULL, "%s returned %p", bad_what, p);
+      bad_end_no_error("tessera_malloc");
+    }
+  }
+
+  /* --- tessera_free: NULL, unknown, interior, double, wrong and bad devices ---------------- */
+  {
+    const int devs[] = {0, -1, 99, INT_MIN};
+    for (i = 0; i < 4; i++) {
+      bad_begin("tessera_free(NULL, device %d)", devs[i]);
+      tessera_free(NULL, 4096, devs[i], STREAM_A);
+      bad_end_no_error("tessera_free");
+    }
+  }
+  for (i = 0; i < nunknown; i++) {
+    bad_free_counted(unknown[i], 0, TESSERA_ERROR_UNKNOWN_POINTER, 0,
+                     "free(unknown %p, device 0)", unknown[i]);
+    bad_free_counted(unknown[i], 1, TESSERA_ERROR_UNKNOWN_POINTER, 1,
+                     "free(unknown %p, device 1)", unknown[i]);
+    bad_free_counted(unknown[i], -1, TESSERA_ERROR_UNKNOWN_POINTER, -1,
+                     "free(unknown %p, device -1)", unknown[i]);
+  }
+  {
+    /* Interior pointers: the first byte after the start, the next rounding unit, the last byte. */
+    const struct {
+      unsigned char *base;
+      size_t size;
+      int dev;
+    } blocks[] = {{big0, 3 * MIB + 512, 0}, {small0, 1000, 0}, {big1, 5 * MIB, 1},
+                  {small1, 4096, 1}};
+    for (i = 0; i < 4; i++) {
+      const size_t offs[] = {1, 512, blocks[i].size - 1};
+      size_t k;
+      for (k = 0; k < 3; k++) {
+        void *q = blocks[i].base + offs[k];
+        bad_free_counted(q, blocks[i].dev, TESSERA_ERROR_UNKNOWN_POINTER, blocks[i].dev,
+                         "free(%p + %zu, device %d)", (void *)blocks[i].base, offs[k],
+                         blocks[i].dev);
+        /* Found by pointer: the block's device counts it. */
+        bad_free_counted(q, -1, TESSERA_ERROR_UNKNOWN_POINTER, blocks[i].dev,
+                         "free(%p + %zu, device -1)", (void *)blocks[i].base, offs[k]);
+        CHECK(tessera_base_alloc(blocks[i].base, NULL) == blocks[i].base,
+              "an interior free damaged %p", (void *)blocks[i].base);
+      }
+    }
+  }
+  /* A live pointer freed as another device's: refused there, the block stays. */
+  bad_free_counted(big0, 1, TESSERA_ERROR_UNKNOWN_POINTER, 1, "free(device-0 block, device 1)");
+  bad_free_counted(small1, 0, TESSERA_ERROR_UNKNOWN_POINTER, 0, "free(device-1 block, device 0)");
+  /* Double frees of a block freed before: on its device, found by pointer. */
+  bad_free_counted(gone, 1, TESSERA_ERROR_DOUBLE_FREE, 1, "double free(%p, device 1)", gone);
+  bad_free_counted(gone, -1, TESSERA_ERROR_DOUBLE_FREE, 1, "double free(%p, device -1)", gone);
+  /* Any negative device means "find it by pointer": INT_MIN too. */
+  bad_free_counted(gone, INT_MIN, TESSERA_ERROR_DOUBLE_FREE, 1, "double free(%p, device INT_MIN)",
+                   gone);
+  /* Devices at or past the count, with a live pointer and with a freed one: refused, the block
+   * stays live. */
+  {
+    const int devs[] = {NDEV, 99, INT_MAX};
+    for (i = 0; i < 3; i++) {
+      bad_begin("tessera_free(live %p, device %d)", big0, devs[i]);
+      tessera_free(big0, 3 * MIB + 512, devs[i], STREAM_A);
+      bad_end("tessera_free", TESSERA_ERROR_INVALID_DEVICE, device_needle(devs[i]), "");
+      CHECK(tessera_base_alloc(big0, NULL) == big0, "a bad-device free released %p", big0);
+      bad_begin("tessera_free(freed %p, device %d)", gone, devs[i]);
+      tessera_free(gone, 2 * MIB, devs[i], STREAM_A);
+      bad_end("tessera_free", TESSERA_ERROR_INVALID_DEVICE, device_needle(devs[i]), "");
+    }
+  }
+  /* The size and stream of a free are ignored (tessera knows both): absurd ones still free. */
+  {
+    void *q = alloc_ok(8192, 0, STREAM_A);
+    tessera_stats s0 = stats(0), t0;
+    check_pattern(find_live(q), 1);
+    tessera_clear_last_error();
+    tessera_free(q, SIZE_MAX, 0, (cudaStream_t)(uintptr_t)0xDEAD);
+    EXPECT_NO_ERROR("tessera_free(live, size SIZE_MAX, a stream never used)");
+    forget(q);
+    ++total_frees;
+    t0 = stats(0);
+    CHECK(t0.frees == s0.frees + 1 && t0.allocated_bytes == s0.allocated_bytes - 8192 &&
+              t0.invalid_frees == s0.invalid_frees,
+          "free with size SIZE_MAX: frees %" PRIu64 " -> %" PRIu64 ", allocated %" PRIu64
+          " -> %" PRIu64,
+          s0.frees, t0.frees, s0.allocated_bytes, t0.allocated_bytes);
+    check_all();
+    count_bad("tessera_free");
+  }
+
+  /* --- tessera_record_stream: NULL, unknown and freed pointers ------------------------------ */
+  bad_begin("tessera_record_stream(NULL)");
+  tessera_record_stream(NULL, STREAM_B);
+  bad_end("tessera_record_stream", TESSERA_ERROR_UNKNOWN_POINTER, "unknown pointer 0x0", "");
+  for (i = 0; i < nunknown; i++) {
+    bad_begin("tessera_record_stream(unknown %p)", unknown[i]);
+    tessera_record_stream(unknown[i], STREAM_B);
+    bad_end("tessera_record_stream", TESSERA_ERROR_UNKNOWN_POINTER,
+            pointer_needle("unknown pointer", unknown[i]), "");
+  }
+  bad_begin("tessera_record_stream(freed %p)", gone);
+  tessera_record_stream(gone, STREAM_B);
+  bad_end("tessera_record_stream", TESSERA_ERROR_UNKNOWN_POINTER,
+          pointer_needle("unknown pointer", gone), "");
+
+  /* --- entry points that take only a device ------------------------------------------------ */
+  for (i = 0; i < NBAD_DEVICES; i++) {
+    const int dev = BAD_DEVICES[i];
+    const char *needle = device_needle(dev);
+    char needle_copy[48];
+    snprintf(needle_copy, sizeof needle_copy, "%s", needle);
+
+    if (dev != -1) { /* -1 empties every device */
+      bad_begin("tessera_empty_cache(%d)", dev);
+      r = tessera_empty_cache(dev);
+      CHECK(r == 0, "%s returned %zu", bad_what, r);
+      bad_end("tessera_empty_cache", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+    }
+
+    bad_begin("tessera_set_limit(%d, 8 MiB)", dev);
+    rc = tessera_set_limit(dev, 8 * MIB);
+    CHECK(rc == TESSERA_ERROR_INVALID_DEVICE, "%s returned %d", bad_what, rc);
+    bad_end("tessera_set_limit", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+    bad_begin("tessera_set_limit(%d, 0)", dev);
+    rc = tessera_set_limit(dev, 0);
+    CHECK(rc == TESSERA_ERROR_INVALID_DEVICE, "%s returned %d", bad_what, rc);
+    bad_end("tessera_set_limit", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+
+    bad_begin("tessera_set_memory_fraction(0.5, %d)", dev);
+    tessera_set_memory_fraction(0.5, dev);
+    bad_end("tessera_set_memory_fraction", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+
+    {
+      /* A refused get_stats writes nothing, not even size. */
+      unsigned char buf[sizeof(tessera_stats)];
+      uint64_t in = sizeof buf;
+      size_t k;
+      memset(buf, 0xAB, sizeof buf);
+      memcpy(buf, &in, 8);
+      bad_begin("tessera_get_stats(%d)", dev);
+      rc = tessera_get_stats(dev, (tessera_stats *)(void *)buf);
+      CHECK(rc == TESSERA_ERROR_INVALID_DEVICE, "%s returned %d", bad_what, rc);
+      for (k = 8; k < sizeof buf; k++)
+        CHECK(buf[k] == 0xAB, "%s wrote byte %zu of the struct", bad_what, k);
+      CHECK(memcmp(buf, &in, 8) == 0, "%s changed size", bad_what);
+      bad_end("tessera_get_stats", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+      bad_begin("tessera_get_stats(%d, NULL)", dev);
+      rc = tessera_get_stats(dev, NULL);
+      CHECK(rc == TESSERA_ERROR_INVALID_DEVICE, "%s returned %d", bad_what, rc);
+      bad_end("tessera_get_stats", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+    }
+
+    {
+      char buf[64];
+      size_t k;
+      memset(buf, 'X', sizeof buf);
+      bad_begin("tessera_snapshot_json(%d, buf, 64)", dev);
+      r = tessera_snapshot_json(dev, buf, sizeof buf);
+      CHECK(r == 0, "%s returned %zu", bad_what, r);
+      for (k = 0; k < sizeof buf; k++)
+        CHECK(buf[k] == 'X', "%s wrote byte %zu of the buffer", bad_what, k);
+      bad_end("tessera_snapshot_json", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+    }
+
+    bad_begin("tessera_reset_peak_stats(%d)", dev);
+    rc = tessera_reset_peak_stats(dev);
+    CHECK(rc == TESSERA_ERROR_INVALID_DEVICE, "%s returned %d", bad_what, rc);
+    bad_end("tessera_reset_peak_stats", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+
+    bad_begin("tessera_check_invariants(%d)", dev);
+    rc = tessera_check_invariants(dev);
+    CHECK(rc == TESSERA_ERROR_INVALID_DEVICE, "%s returned %d", bad_what, rc);
+    bad_end("tessera_check_invariants", TESSERA_ERROR_INVALID_DEVICE, needle_copy, "");
+  }
+  /* empty_cache's own bad negatives (-1 is "every device"). */
+  {
+    const int devs[] = {-2, -100};
+    for (i = 0; i < 2; i++) {
+      bad_begin("tessera_empty_cache(%d)", devs[i]);
+      r = tessera_empty_cache(devs[i]);
+      CHECK(r == 0, "%s returned %zu", bad_what, r);
+      bad_end("tessera_empty_cache", TESSERA_ERROR_INVALID_DEVICE, device_needle(devs[i]), "");
+    }
+  }
+
+  /* --- tessera_set_memory_fraction: fractions outside [0, 1] ------------------------------- */
+  {
+    const double bad_fractions[] = {-0.5, 1.5, 1.0000001, -1e-300, INFINITY, -INFINITY, NAN};
+    for (i = 0; i < sizeof bad_fractions / sizeof bad_fractions[0]; i++) {
+      bad_begin("tessera_set_memory_fraction(%g, 0)", bad_fractions[i]);
+      tessera_set_memory_fraction(bad_fractions[i], 0);
+      bad_end("tessera_set_memory_fraction", TESSERA_ERROR_INVALID_ARGUMENT, "memory fraction",
+              "");
+    }
+    /* Both bad: the fraction is named first. */
+    bad_begin("tessera_set_memory_fraction(1.5, 99)");
+    tessera_set_memory_fraction(1.5, 99);
+    bad_end("tessera_set_memory_fraction", TESSERA_ERROR_INVALID_ARGUMENT, "1.5", "");
+  }
+
+  /* --- tessera_get_stats: sizes too small for the size field itself ------------------------ */
+  {
+    const uint64_t sizes[] = {0, 1, 7};
+    for (i = 0; i < 3; i++) {
+      uint64_t buf[2];
+      buf[0] = sizes[i];
+      buf[1] = 0xC0FFEEull;
+      bad_begin("tessera_get_stats(0, size %" PRIu64 ")", sizes[i]);
+      rc = tessera_get_stats(0, (tessera_stats *)(void *)buf);
+      CHECK(rc == TESSERA_ERROR_INVALID_ARGUMENT && buf[0] == sizes[i] && buf[1] == 0xC0FFEEull,
+            "%s: rc %d, size out %" PRIu64, bad_what, rc, buf[0]);
+      bad_end("tessera_get_stats", TESSERA_ERROR_INVALID_ARGUMENT, NULL, "");
+    }
+    bad_begin("tessera_get_stats(0, NULL)");
+    rc = tessera_get_stats(0, NULL);
+    CHECK(rc == TESSERA_ERROR_INVALID_ARGUMENT, "%s returned %d", bad_what, rc);
+    bad_end("tessera_get_stats", TESSERA_ERROR_INVALID_ARGUMENT, NULL, "");
+  }
+
+  /* --- tessera_snapshot_json: a NULL buffer with a length -------------------------------- */
+  {
+    const size_t lens[] = {1, 10, SIZE_MAX};
+    for (i = 0; i < 3; i++) {
+      bad_begin("tessera_snapshot_json(0, NULL, %zu)", lens[i]);
+      r = tessera_snapshot_json(0, NULL, lens[i]);
+      CHECK(r == 0, "%s returned %zu", bad_what, r);
+      bad_end("tessera_snapshot_json", TESSERA_ERROR_INVALID_ARGUMENT, "NULL", "");
+    }
+  }
+
+  /* --- tessera_base_alloc: NULL, unknown and freed pointers; *size untouched ---------------- */
+  {
+    void *const ptrs[] = {NULL, host_thing, (void *)(uintptr_t)UINTPTR_MAX, gone};
+    for (i = 0; i < 4; i++) {
+      bad_begin("tessera_base_alloc(%p)", ptrs[i]);
+      sz = 77;
+      b = tessera_base_alloc(ptrs[i], &sz);
+      CHECK(b == NULL && sz == 77, "%s = %p, *size %zu", bad_what, b, sz);
+      bad_end("tessera_base_alloc", TESSERA_ERROR_UNKNOWN_POINTER,
+              pointer_needle("unknown pointer", ptrs[i]), "");
+      bad_begin("tessera_base_alloc(%p, NULL)", ptrs[i]);
+      b = tessera_base_alloc(ptrs[i], NULL);
+      CHECK(b == NULL, "%s = %p", bad_what, b);
+      bad_end("tessera_base_alloc", TESSERA_ERROR_UNKNOWN_POINTER, NULL, "");
+    }
+  }
+
+  /* --- tessera_init, hooks, configure --------------------------------------------------------- */
+  {
+    const int counts[] = {-1, NDEV + 1, INT_MIN, INT_MAX};
+    for (i = 0; i < 4; i++) {
+      char needle[48];
+      snprintf(needle, sizeof needle, "tessera_init(%d)", counts[i]);
+      bad_begin("tessera_init(%d)", counts[i]);
+      tessera_init(counts[i]);
+      bad_end("tessera_init", TESSERA_ERROR_INVALID_DEVICE, needle, "");
+    }
+  }
+  bad_begin("tessera_add_oom_hook(NULL, user)");
+  rc = tessera_add_oom_hook(NULL, host_thing);
+  CHECK(rc == -1, "%s returned %d", bad_what, rc);
+  bad_end("tessera_add_oom_hook", TESSERA_ERROR_INVALID_ARGUMENT, "NULL hook", "");
+  {
+    const int ids[] = {-1, INT_MIN, INT_MAX, 12345};
+    for (i = 0; i < 4; i++) {
+      char needle[48];
+      snprintf(needle, sizeof needle, "tessera_remove_oom_hook(%d)", ids[i]);
+      bad_begin("tessera_remove_oom_hook(%d)", ids[i]);
+      rc = tessera_remove_oom_hook(ids[i]);
+      CHECK(rc == TESSERA_ERROR_INVALID_ARGUMENT, "%s returned %d", bad_what, rc);
+      bad_end("tessera_remove_oom_hook", TESSERA_ERROR_INVALID_ARGUMENT, needle, "");
+    }
+  }
+  {
+    /* After the allocator exists every configuration is refused; NULL and non-UTF-8 say so. */
+    bad_begin("tessera_configure(NULL)");
+    rc = tessera_configure(NULL);
+    CHECK(rc == TESSERA_ERROR_INVALID_ARGUMENT, "%s returned %d", bad_what, rc);
+    bad_end("tessera_configure", TESSERA_ERROR_INVALID_ARGUMENT, "NULL", "");
+    bad_begin("tessera_configure(non-UTF-8)");
+    rc = tessera_configure("limit:\xff\xfe");
+    CHECK(rc == TESSERA_ERROR_CONFIG, "%s returned %d", bad_what, rc);
+    bad_end("tessera_configure", TESSERA_ERROR_CONFIG, "UTF-8", "");
+    bad_begin("tessera_configure(\"limit:1MiB\") after the first allocation");
+    rc = tessera_configure("limit:1MiB");
+    CHECK(rc == TESSERA_ERROR_CONFIG, "%s returned %d", bad_what, rc);
+    bad_end("tessera_configure", TESSERA_ERROR_CONFIG, "already in use", "");
+    bad_begin("tessera_configure(\"limit:-1\") after the first allocation");
+    rc = tessera_configure("limit:-1");
+    CHECK(rc == TESSERA_ERROR_CONFIG, "%s returned %d", bad_what, rc);
+    bad_end("tessera_configure", TESSERA_ERROR_CONFIG, "'limit'", "");
+  }
+
+  /* Every live block survived all of it, whole. */
+  for (i = 0; i < nlive; i++) check_pattern(&live[i], 1);
+  free_ok(big0, 0);
+  free_ok(small0, -1);
+  free_ok(big1, 1);
+  free_ok(small1, -1);
+  for (d = 0; d < NDEV; d++)
+    CHECK(tessera_check_invariants(d) == 0, "check_invariants(%d) after the bad input", d);
+
+  {
+    unsigned long total = 0;
+    printf("abi_test: bad input refused, nothing changed:");
+    for (i = 0; i < NBAD_COUNTS; i++) {
+      printf(" %s %lu%s", bad_counts[i].entry + strlen("tessera_"), bad_counts[i].tried,
+             i + 1 < NBAD_COUNTS ? "," : "");
+      CHECK(bad_counts[i].tried > 0, "no bad input was tried on %s", bad_counts[i].entry);
+      total += bad_counts[i].tried;
+    }
+    printf(" (%lu cases)\n", total);
+  }
+}
+
 static void phase_snapshot(void) {
   size_t n, r, i;
   char tiny[16], *buf, needle[96];
@@ -1442,6 +1933,7 @@ int main(void) {
   phase_remap();
   phase_limits();
   phase_bad_input();
+  phase_bad_input_matrix();
   phase_snapshot();
 #if !defined(__STDC_NO_THREADS__)
   phase_threads();
