@@ -2,7 +2,9 @@
 //!
 //! Under `cfg(loom)` these are loom's model-checked types; otherwise `parking_lot`'s locks and
 //! `std`'s atomics. Nothing else in the crate names a lock or atomic type directly, so a loom model
-//! sees every synchronisation the allocator performs (the pattern of tokio's `src/loom/`).
+//! sees the allocator's synchronisation (the pattern of tokio's `src/loom/`). The one exception is
+//! `std::sync::OnceLock` (loom 0.7 has none), which publishes each device's allocator and the trace
+//! log once: its initialisation is serialised by a shim lock, and it never blocks afterwards.
 //!
 //! Locking rule: the crate takes at most one device lock at a time, and never holds it while it calls
 //! a user hook or waits on the driver for something that may re-enter the allocator.
@@ -33,6 +35,9 @@ pub(crate) use std::thread_local;
 #[cfg(loom)]
 macro_rules! loom_thread_local {
     ($(#[$attr:meta])* static $name:ident: $t:ty = const { $init:expr };) => {
+        loom::thread_local!($(#[$attr])* static $name: $t = $init;);
+    };
+    ($(#[$attr:meta])* static $name:ident: $t:ty = $init:expr;) => {
         loom::thread_local!($(#[$attr])* static $name: $t = $init;);
     };
 }

@@ -35,12 +35,14 @@
 //! 4. `registry_two_devices`: two devices, first used concurrently by two threads (one each), which
 //!    publish their allocation in a slot; a third looks each slot's pointer up (`allocation`, at its
 //!    start and inside it: must name the right device and base) and frees one through `free_any`
-//!    (must succeed, and be counted as a free on the right device only).
+//!    (must succeed, and be counted as a free on the right device only), while each owner empties
+//!    its device's cache, which unregisters its ranges (the registry's write path).
 //! 5. `stats_read_while_changing`: one thread allocates two blocks and frees them, another reads
 //!    `stats(0)` three times: each read is a state that can occur (active blocks and allocated and
 //!    requested bytes match a subset of the two blocks, allocated <= reserved, cached free =
 //!    reserved - allocated, peaks >= values, allocations - frees = active), and counters never go
-//!    back.
+//!    back. (`stats` takes the device lock, so this guards that each snapshot is taken whole and
+//!    that counters are monotonic across snapshots, not a lock-free read.)
 //! 6. `remove_hook_waits_for_running_call`: a request on a full device runs a hook while another
 //!    thread removes it: once `remove_oom_hook` returns, the hook is not running and never starts
 //!    again (the guarantee that lets a C caller free a hook's data right after removing it).
@@ -97,7 +99,8 @@ fn allocator(sim: SimConfig) -> Arc<Tessera> {
         check_invariants: true,
         ..Config::default()
     };
-    Arc::new(Tessera::new(Arc::from_std(drv), config).expect("allocator"))
+    // Untraced: a `TESSERA_TRACE` in the environment must not write a file per interleaving.
+    Arc::new(Tessera::untraced(Arc::from_std(drv), config).expect("allocator"))
 }
 
 /// One device of `capacity` bytes (2 MiB pages).
@@ -180,6 +183,9 @@ fn oom_hooks_called(r: &tessera::Result<DevicePtr>) -> Option<u32> {
 
 #[test]
 fn alloc_free_with_empty_cache() {
+    // How often `empty_cache` released nothing and something: both must occur, or the model no
+    // longer interleaves it with the frees.
+    static RELEASED: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
     model("alloc_free_with_empty_cache", 3, || {
         let t = one_device(16 * MIB);
         t.stats(0).unwrap(); // create the device before the threads
@@ -194,7 +200,8 @@ fn alloc_free_with_empty_cache() {
         let empty = {
             let t = t.clone();
             thread::spawn(move || {
-                t.empty_cache(0).unwrap();
+                let released = t.empty_cache(0).unwrap();
+                RELEASED[usize::from(released > 0)].fetch_add(1, Ordering::Relaxed);
             })
         };
         small.join().unwrap();
@@ -203,6 +210,10 @@ fn alloc_free_with_empty_cache() {
         assert_eq!(t.stats(0).unwrap().frees, 2);
         assert_all_returned(&t, 1);
     });
+    assert!(
+        RELEASED.iter().all(|n| n.load(Ordering::Relaxed) > 0),
+        "empty_cache must run both before and after a free: {RELEASED:?}"
+    );
 }
 
 /// A one-shot state shared by the hook and the freeing thread: 0 nothing yet, 1 asked, 2 freed.
@@ -377,6 +388,9 @@ fn hook_that_allocates() {
 
 #[test]
 fn registry_two_devices() {
+    // Interleavings in which the lookup thread found device 1's and device 0's pointer: both must
+    // occur, or the lookups test nothing.
+    static FOUND: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
     model("registry_two_devices", 2, || {
         let t = allocator(SimConfig {
             devices: 2,
@@ -399,6 +413,9 @@ fn registry_two_devices() {
                         check(p, size, dev as u64);
                         t.free(dev, p).unwrap();
                     }
+                    // Unmaps and unregisters the owner's range while the other device's
+                    // allocation may be looked up (the registry's write path).
+                    t.empty_cache(dev).unwrap();
                 })
             })
             .collect();
@@ -407,6 +424,7 @@ fn registry_two_devices() {
             thread::spawn(move || {
                 // Device 1: look up while the owner cannot free (it needs the slot's lock).
                 if let Some(p) = *slots[1].lock().unwrap() {
+                    FOUND[1].fetch_add(1, Ordering::Relaxed);
                     for q in [p, p + 8] {
                         let a = t.allocation(q).expect("a live allocation is registered");
                         assert_eq!((a.device, a.base, a.requested), (1, p, sizes[1]));
@@ -415,10 +433,10 @@ fn registry_two_devices() {
                 // Device 0: take it over and free it by pointer alone.
                 let taken = slots[0].lock().unwrap().take();
                 if let Some(p) = taken {
-                    assert_eq!(
-                        t.allocation(p + 8).map(|a| (a.device, a.base)),
-                        Some((0, p))
-                    );
+                    FOUND[0].fetch_add(1, Ordering::Relaxed);
+                    for q in [p, p + 8] {
+                        assert_eq!(t.allocation(q).map(|a| (a.device, a.base)), Some((0, p)));
+                    }
                     check(p, sizes[0], 0);
                     t.free_any(p).expect("free_any finds the owning device");
                     assert_eq!(t.allocation(p), None);
@@ -439,6 +457,10 @@ fn registry_two_devices() {
         }
         assert_all_returned(&t, 2);
     });
+    assert!(
+        FOUND.iter().all(|n| n.load(Ordering::Relaxed) > 0),
+        "the lookups must find both devices' pointers: {FOUND:?}"
+    );
 }
 
 #[test]
@@ -506,12 +528,16 @@ fn stats_read_while_changing() {
 
 #[test]
 fn remove_hook_waits_for_running_call() {
+    // Interleavings in which the hook was running when the removal began: some must occur, or
+    // the model never tests the wait.
+    static RACED: AtomicUsize = AtomicUsize::new(0);
     model("remove_hook_waits_for_running_call", 3, || {
         let (t, held) = full_device();
         // Plain std flags: the assertions read them; loom sees the hook's own synchronisation.
         let running = std::sync::Arc::new(AtomicBool::new(false));
         let removed = std::sync::Arc::new(AtomicBool::new(false));
-        let (r2, rm2) = (running.clone(), removed.clone());
+        let removing = std::sync::Arc::new(AtomicBool::new(false));
+        let (r2, rm2, rg2) = (running.clone(), removed.clone(), removing.clone());
         let id = t.add_oom_hook(move |_, _| {
             assert!(
                 !rm2.load(Ordering::SeqCst),
@@ -519,6 +545,9 @@ fn remove_hook_waits_for_running_call() {
             );
             r2.store(true, Ordering::SeqCst);
             thread::yield_now(); // a point where the remover may run
+            if rg2.load(Ordering::SeqCst) {
+                RACED.fetch_add(1, Ordering::Relaxed);
+            }
             r2.store(false, Ordering::SeqCst);
         });
         let requester = {
@@ -528,6 +557,7 @@ fn remove_hook_waits_for_running_call() {
                 assert!(matches!(oom_hooks_called(&r), Some(0 | 1)), "{r:?}");
             })
         };
+        removing.store(true, Ordering::SeqCst);
         assert!(t.remove_oom_hook(id));
         assert!(
             !running.load(Ordering::SeqCst),
@@ -541,4 +571,8 @@ fn remove_hook_waits_for_running_call() {
         t.free(0, held).unwrap();
         assert_all_returned(&t, 1);
     });
+    assert!(
+        RACED.load(Ordering::Relaxed) > 0,
+        "no interleaving had the hook running when its removal began"
+    );
 }
