@@ -16,7 +16,8 @@
 //! - [`configure_global`] succeeds only while `PENDING` is open, and creation closes it under its
 //!   lock: a configuration either reaches the allocator or is refused, never silently dropped.
 //! - Nothing is torn down at exit (statics are never dropped, so a free that comes after exit
-//!   handlers still finds a live allocator); an exit handler flushes the trace, if one is written.
+//!   handlers still finds a live allocator); an exit handler flushes the trace, if one is written,
+//!   and so does a before-fork handler (a child must not inherit, and write again, buffered lines).
 //!
 //! # Locking
 //! `PENDING`'s lock is held while `GLOBAL` is made, so a configuration and the creation never race.
@@ -89,10 +90,13 @@ fn create() -> Result<Tessera> {
         Pending::Open(None) | Pending::Closed => Config::from_env()?,
     };
     let t = Tessera::new(driver_from_env()?, config)?;
-    // SAFETY: `flush_at_exit` is an `extern "C" fn()` that never unwinds (it catches panics), as
-    // atexit requires. A failed registration only loses the final flush, so its result is ignored.
+    // SAFETY: `flush_trace_now` is an `extern "C" fn()` that never unwinds (it catches panics), as
+    // atexit and pthread_atfork require. A failed registration only loses that flush, so the
+    // results are ignored. Before a fork the buffer is flushed, so that a child which exits
+    // (flushing at exit) does not write the parent's buffered lines a second time.
     unsafe {
-        libc::atexit(flush_at_exit);
+        libc::atexit(flush_trace_now);
+        libc::pthread_atfork(Some(flush_trace_now), None, None);
     }
     Ok(t)
 }
@@ -114,7 +118,8 @@ pub fn driver_from_env() -> Result<Arc<dyn Driver>> {
     }
 }
 
-extern "C" fn flush_at_exit() {
+/// The exit and before-fork handler: writes the trace's buffered lines.
+extern "C" fn flush_trace_now() {
     // A panic must not unwind out of an exit handler; there is nothing left to report it to.
     let _ = std::panic::catch_unwind(|| {
         if let Some(Ok(t)) = GLOBAL.get() {
