@@ -143,6 +143,14 @@ impl Tessera {
         }
     }
 
+    /// [`Tessera::flush_trace`], then every later line is written at once (the process is
+    /// exiting: events from later exit handlers still reach the file).
+    pub(crate) fn flush_trace_for_exit(&self) {
+        if let Some(t) = self.trace.get() {
+            t.flush_and_write_through();
+        }
+    }
+
     /// The driver underneath.
     pub fn driver(&self) -> &Arc<dyn Driver> {
         &self.driver

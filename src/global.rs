@@ -90,13 +90,13 @@ fn create() -> Result<Tessera> {
         Pending::Open(None) | Pending::Closed => Config::from_env()?,
     };
     let t = Tessera::new(driver_from_env()?, config)?;
-    // SAFETY: `flush_trace_now` is an `extern "C" fn()` that never unwinds (it catches panics), as
+    // SAFETY: both handlers are `extern "C" fn()`s that never unwind (they catch panics), as
     // atexit and pthread_atfork require. A failed registration only loses that flush, so the
     // results are ignored. Before a fork the buffer is flushed, so that a child which exits
     // (flushing at exit) does not write the parent's buffered lines a second time.
     unsafe {
-        libc::atexit(flush_trace_now);
-        libc::pthread_atfork(Some(flush_trace_now), None, None);
+        libc::atexit(flush_trace_at_exit);
+        libc::pthread_atfork(Some(flush_trace_before_fork), None, None);
     }
     Ok(t)
 }
@@ -118,9 +118,20 @@ pub fn driver_from_env() -> Result<Arc<dyn Driver>> {
     }
 }
 
-/// The exit and before-fork handler: writes the trace's buffered lines.
-extern "C" fn flush_trace_now() {
+/// The exit handler: writes the trace's buffered lines, and every later line at once (frees from
+/// other exit handlers and destructors still come).
+extern "C" fn flush_trace_at_exit() {
     // A panic must not unwind out of an exit handler; there is nothing left to report it to.
+    let _ = std::panic::catch_unwind(|| {
+        if let Some(Ok(t)) = GLOBAL.get() {
+            t.flush_trace_for_exit();
+        }
+    });
+}
+
+/// The before-fork handler: writes the trace's buffered lines.
+extern "C" fn flush_trace_before_fork() {
+    // Nor out of a fork handler.
     let _ = std::panic::catch_unwind(|| {
         if let Some(Ok(t)) = GLOBAL.get() {
             t.flush_trace();

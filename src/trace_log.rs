@@ -40,6 +40,8 @@ struct Inner {
     live: HashMap<(usize, DevicePtr), u64>,
     free_ids: BinaryHeap<Reverse<u64>>,
     next_id: u64,
+    /// Set at exit: each line is written at once, since no later flush is coming.
+    write_through: bool,
 }
 
 /// An open trace file.
@@ -87,6 +89,7 @@ impl TraceLog {
                 live: HashMap::new(),
                 free_ids: BinaryHeap::new(),
                 next_id: 1,
+                write_through: false,
             }),
         })
     }
@@ -125,6 +128,14 @@ impl TraceLog {
         Ok(())
     }
 
+    /// Writes buffered lines to the file, and from then on writes each line at once: for the exit
+    /// handler, after which events (frees from other exit handlers or destructors) still come but
+    /// no flush will.
+    pub(crate) fn flush_and_write_through(&self) {
+        self.inner.lock().write_through = true;
+        self.flush();
+    }
+
     /// Writes buffered lines to the file.
     pub(crate) fn flush(&self) {
         let mut g = self.inner.lock();
@@ -147,7 +158,12 @@ impl Inner {
         self.line.clear();
         let _ = self.line.write_fmt(line);
         self.line.push('\n');
-        if let Err(e) = out.write_all(self.line.as_bytes()) {
+        let written = out.write_all(self.line.as_bytes());
+        let written = match written {
+            Ok(()) if self.write_through => out.flush(),
+            other => other,
+        };
+        if let Err(e) = written {
             self.fail(&e);
         }
     }

@@ -372,6 +372,7 @@ static void at_exit(void) {
 
 __attribute__((destructor)) static void at_unload(void) {
   tessera_stats s;
+  unsigned long allocs, frees;
   stage = "(c) destructor function";
   if (!trace_path) return; /* main refused to run */
   CHECK(atexit_ran, "the destructor ran before the atexit handler");
@@ -381,6 +382,13 @@ __attribute__((destructor)) static void at_unload(void) {
         "%" PRIu64 " blocks (%" PRIu64 " B) still live after every block was freed",
         s.active_blocks, s.allocated_bytes);
   CHECK(tessera_check_invariants(0) == TESSERA_OK, "invariants broken at the very end");
+  /* After its exit-time flush tessera writes each line at once: the events of the exit stages
+   * are in the file too. */
+  count_trace_lines(&allocs, &frees);
+  CHECK(allocs == traced_allocs && frees == traced_frees,
+        "the trace holds %lu allocations and %lu frees at the very end, expected %lu and %lu: "
+        "events after tessera's exit-time flush were lost",
+        allocs, frees, traced_allocs, traced_frees);
   if (failures) {
     fprintf(stderr, "teardown_test: %d failure(s)\n", failures);
     fflush(stdout);
@@ -389,8 +397,9 @@ __attribute__((destructor)) static void at_unload(void) {
   }
   printf("teardown_test: OK (%lu checks, %lu error codes and messages; atexit handler, 2 TLS-key "
          "destructors, destructor function; the trace holds the %lu allocations and %lu frees "
-         "made before exit)\n",
-         checks, errors_checked, allocs_before_exit, frees_before_exit);
+         "made before exit, and %lu and %lu in all)\n",
+         checks, errors_checked, allocs_before_exit, frees_before_exit, traced_allocs,
+         traced_frees);
   fflush(stdout);
 }
 
