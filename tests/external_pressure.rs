@@ -8,11 +8,12 @@
 //! nothing leaks at the end. A hook that frees enough (tessera's own allocations, or the other
 //! process's memory) lets the request succeed.
 //!
-//! The `*_bug` tests (ignored) reproduce a bug of the OOM sequence that external pressure makes
-//! visible: its last try, after the hooks and a wait for the streams, comes before the cache is
-//! released, so memory that became free during the hooks or the wait, but that the try cannot
-//! use as it is, still holds the room a new page or segment needs; the request fails, and the
-//! cache is released only after (the report then shows the room).
+//! The last three tests are regressions of a bug of the OOM sequence that external pressure made
+//! visible: its last try, after the hooks and a wait for the streams, came before the cache was
+//! released again, so memory that became free during the hooks or the wait, but that the try
+//! could not use as it was, still held the room a new page or segment needed; the request failed,
+//! and the cache was released only after (the report then showed the room). The sequence now
+//! releases the cache and tries once more.
 
 mod common;
 use common::*;
@@ -388,14 +389,13 @@ fn legacy_fluctuating_external_usage_keeps_data_and_invariants() {
     fluctuating(Backend::Legacy);
 }
 
-// ---- The OOM sequence's last try comes before the cache is released (bug) ----
+// ---- The OOM sequence's last try once came before the cache was released again ----
 
 /// The other process leaves 6 MiB; a hook frees a 2 MiB segment. Releasing it would leave 8 MiB
-/// free, room for a new 8 MiB segment, but the last try runs with the segment still cached: the
-/// request fails, then the cache is released, and the report shows 8 MiB free.
+/// free, room for a new 8 MiB segment; the last try ran with the segment still cached: the
+/// request failed, then the cache was released, and the report showed 8 MiB free.
 #[test]
-#[ignore = "bug: OOM sequence retries before releasing the cache (legacy, hook frees a segment)"]
-fn legacy_a_hook_freeing_a_segment_too_small_for_the_request_makes_room_bug() {
+fn legacy_a_hook_freeing_a_segment_too_small_for_the_request_makes_room() {
     let (sim, t) = setup(Backend::Legacy);
     let a = t.allocate(0, 2 * MIB, S0).unwrap();
     sim.set_external_usage(0, CAPACITY - 2 * MIB - 6 * MIB);
@@ -407,7 +407,7 @@ fn legacy_a_hook_freeing_a_segment_too_small_for_the_request_makes_room_bug() {
         }
     });
     let r = t.allocate(0, 8 * MIB, S0);
-    // Today: "... (8.00 MiB free on the device) ... tessera holds 0 B reserved ... 1 eviction
+    // Before the fix: "... (8.00 MiB free on the device) ... tessera holds 0 B reserved ... 1 eviction
     // hook(s) called, freeing 2.00 MiB. The driver said: cuMemAlloc failed ... 8.00 MiB
     // requested, 58.00 MiB of 64.00 MiB in use."
     let p = r.unwrap_or_else(|e| panic!("8 MiB fits once the freed segment is released: {e}"));
@@ -418,12 +418,11 @@ fn legacy_a_hook_freeing_a_segment_too_small_for_the_request_makes_room_bug() {
 /// two pages of large blocks, one shared by a free block of stream 1 and a live block of stream
 /// 0. A hook frees the two live blocks: tessera's 4 pages (those 3 and a pool page) are all
 /// free, and 8 MiB fits in them, or in the device once the cache is released (9 MiB free). The
-/// last try does not gather the page shared by the two streams' free blocks, nor can it create
-/// a fifth page (1 MiB short), and the request fails; the report then shows 9 MiB free and
+/// last try did not gather the page shared by the two streams' free blocks, nor could it create
+/// a fifth page (1 MiB short), and the request failed; the report then showed 9 MiB free and
 /// nothing reserved.
 #[test]
-#[ignore = "bug: OOM sequence retries before releasing the cache (VMM, hook frees last blocks)"]
-fn vmm_a_hook_freeing_the_last_live_blocks_makes_room_bug() {
+fn vmm_a_hook_freeing_the_last_live_blocks_makes_room() {
     let (sim, t) = setup(Backend::Vmm);
     sim.set_external_usage(0, 55 * MIB);
     let a = t.allocate(0, 1, S0).unwrap();
@@ -439,7 +438,7 @@ fn vmm_a_hook_freeing_the_last_live_blocks_makes_room_bug() {
         }
     });
     let r = t.allocate(0, 8 * MIB, S0);
-    // Today: "... (9.00 MiB free on the device) ... tessera holds 0 B reserved ... The driver
+    // Before the fix: "... (9.00 MiB free on the device) ... tessera holds 0 B reserved ... The driver
     // said: cuMemCreate failed ... 2.00 MiB requested, 63.00 MiB of 64.00 MiB in use."
     let p = r.unwrap_or_else(|e| panic!("8 MiB fits once the cache is released: {e}"));
     t.free(0, p).unwrap();
@@ -448,10 +447,9 @@ fn vmm_a_hook_freeing_the_last_live_blocks_makes_room_bug() {
 /// Legacy, no hooks: a block of stream 1 recorded on stream 2 (both held) is freed; the other
 /// process leaves 2 MiB. A small request on stream 0 needs a 2 MiB granule segment: the wait
 /// settles the parked free only in the last try, which cannot use a free large segment for a
-/// granule, and the cache (that segment) is released only after the request failed.
+/// granule; the cache (that segment) was released only after the request failed.
 #[test]
-#[ignore = "bug: OOM sequence retries before releasing the cache (legacy, free settled by wait)"]
-fn legacy_a_free_settled_by_the_wait_makes_room_bug() {
+fn legacy_a_free_settled_by_the_wait_makes_room() {
     let (sim, t) = setup(Backend::Legacy);
     sim.hold_stream(0, S1);
     sim.hold_stream(0, Stream(2));
@@ -460,7 +458,7 @@ fn legacy_a_free_settled_by_the_wait_makes_room_bug() {
     t.record_stream(a, Stream(2)).unwrap();
     t.free(0, a).unwrap();
     let r = t.allocate(0, 1, S0);
-    // Today: "... (2.00 MiB free on the device) ... tessera holds 0 B reserved ... The driver
+    // Before the fix: "... (2.00 MiB free on the device) ... tessera holds 0 B reserved ... The driver
     // said: cuMemAlloc failed ... 2.00 MiB requested, 64.00 MiB of 64.00 MiB in use."
     let p =
         r.unwrap_or_else(|e| panic!("a granule fits once the settled segment is released: {e}"));

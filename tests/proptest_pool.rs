@@ -148,16 +148,6 @@ fn fits(rounded: u64, page: u64, largest_free: u64, reserved: u64, ceiling: u64)
         }
 }
 
-/// A bug in tessera's OOM sequence, found by the after-failure property: its last try (after
-/// the hooks, and a wait for the streams) does not release the cache first, so memory that
-/// became free only during the hooks or the wait, and that the try cannot use as it is, keeps the
-/// room a new page or segment needs (a legacy segment too small for the request, a VMM page
-/// shared by free blocks of two streams). The request fails, and only then is
-/// that memory released (the report shows the room). Reproduced by external_pressure.rs's
-/// `*_bug` tests. While this is true, a failure after which the cache was released later than
-/// the hooks ran is not held to the after-failure property.
-const KNOWN_BUG_NO_RELEASE_BEFORE_LAST_TRY: bool = true;
-
 fn pick(raw: u64, len: usize) -> usize {
     ((len as u128 * raw as u128) >> 64) as usize
 }
@@ -173,8 +163,6 @@ struct Live {
     hook_calls: u64,
     /// Bytes (as the allocator rounds them) the hook freed since the last reset.
     hook_freed: u64,
-    /// `released_bytes` of the stats when the hook last returned.
-    released_at_hook: u64,
 }
 
 impl Live {
@@ -230,7 +218,6 @@ impl World {
                 t.check_invariants(dev).unwrap();
             }
             l.tr.check();
-            l.released_at_hook = t.stats(dev).unwrap().released_bytes;
         });
         World {
             sim,
@@ -301,11 +288,8 @@ impl World {
                 );
                 // Nor may it fit when the request gives up (the hook may have freed memory).
                 let ceiling = r.limit.unwrap_or(u64::MAX).min(r.reserved + r.device_free);
-                let released_late = t.stats(0).unwrap().released_bytes > l.released_at_hook;
                 assert!(
-                    self.armed
-                        || (KNOWN_BUG_NO_RELEASE_BEFORE_LAST_TRY && released_late)
-                        || !fits(rounded, ps, r.largest_free, r.reserved, ceiling),
+                    self.armed || !fits(rounded, ps, r.largest_free, r.reserved, ceiling),
                     "step {step}: {size} B on {stream:?} failed though it fits now: {r}"
                 );
                 assert_eq!(r.requested, size);
@@ -541,9 +525,10 @@ fn regressions() {
         ],
         // Sizes under 8 bytes.
         vec![Alloc(1, 0), Alloc(7, 1), Free(0), Alloc(3, 2)],
-        // The OOM sequence's last try, before the cache is released (see
-        // KNOWN_BUG_NO_RELEASE_BEFORE_LAST_TRY): legacy, a parked free settled by the wait; VMM,
-        // the hook frees the last blocks, leaving a page shared by two streams' free blocks.
+        // Found by the after-failure property: the OOM sequence's last try did not release the
+        // cache, so memory freed during the hooks or settled by the wait kept the room a new page
+        // or segment needed. Legacy, a parked free settled by the wait; VMM, the hook frees the
+        // last blocks, leaving a page shared by two streams' free blocks.
         vec![
             Free(0),
             Hold(1),

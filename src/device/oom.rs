@@ -9,7 +9,11 @@
 //! 3. Drop the lock; call the eviction hooks in order with (device, requested bytes). A hook may
 //!    free or allocate through the normal path; an allocation inside a hook never calls the hooks
 //!    again (a thread-local flag). Take the lock again.
-//! 4. Compact (wait for streams, settle parked frees, retire idle small runs) and retry.
+//! 4. Compact (wait for streams, settle parked frees, retire idle small runs) and retry; if that
+//!    fails, release the cache once more and retry. What the hooks freed or the wait settled may
+//!    sit in pieces this request cannot take as they are (a legacy segment too small, a page
+//!    shared by two streams' free blocks, neighbouring free blocks of two finished streams) but
+//!    that releasing merges or gives back whole.
 //! 5. Fail with a report that names every figure a user needs to act.
 //!
 //! A request larger than the limit or the device can never succeed: it skips steps 1, 2 and 4
@@ -59,6 +63,9 @@ impl DeviceAllocator {
         let possible =
             |st: &DeviceState| rounded <= st.limit_bytes().max(st.reserved()).min(st.capacity);
         let mut refused = None;
+        // Whether this request released the cache and retried (counted once per request, as
+        // PyTorch's `num_alloc_retries`).
+        let mut retried = false;
         let driver_errors_before = st.c.driver_errors;
         if possible(&st) {
             // 1. Cached and new pages, stealing fully free ones; no waiting.
@@ -72,6 +79,7 @@ impl DeviceAllocator {
             // 2. Release the cache to the driver, retry.
             st.release_cache()?;
             st.c.alloc_retries += 1;
+            retried = true;
             if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
                 return Ok(p);
             }
@@ -98,6 +106,15 @@ impl DeviceAllocator {
         // 4. Compact and retry (asking again: a hook may have raised the limit).
         if possible(&st) {
             st.compact()?;
+            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
+                return Ok(p);
+            }
+            // (Even when it gives nothing back: releasing first merges the free neighbours of
+            // finished streams, which may make a block that fits.)
+            st.release_cache()?;
+            if !retried {
+                st.c.alloc_retries += 1;
+            }
             if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
                 return Ok(p);
             }
