@@ -90,8 +90,9 @@ pub struct OomReport {
     pub requested: u64,
     /// Total memory of the device.
     pub capacity: u64,
-    /// Memory free on the device, all users counted.
-    pub device_free: u64,
+    /// Memory free on the device, all users counted; `None` when the driver could not say
+    /// (`cuMemGetInfo` failed: its error is then in `driver_error`).
+    pub device_free: Option<u64>,
     /// The configured limit, if any.
     pub limit: Option<u64>,
     /// Bytes in live allocations.
@@ -118,11 +119,14 @@ impl fmt::Display for OomReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "CUDA out of memory. Tried to allocate {} on device {}. Device capacity {} ({} free on the device)",
+            "CUDA out of memory. Tried to allocate {} on device {}. Device capacity {} ({})",
             format_bytes(self.requested),
             self.device,
             format_bytes(self.capacity),
-            format_bytes(self.device_free),
+            match self.device_free {
+                Some(free) => format!("{} free on the device", format_bytes(free)),
+                None => "free memory unknown".into(),
+            },
         )?;
         match self.limit {
             Some(l) => write!(f, ", tessera limit {}", format_bytes(l))?,
@@ -162,7 +166,9 @@ impl OomReport {
             .is_some_and(|l| l < self.capacity && self.reserved + self.requested > l)
         {
             "the tessera limit was reached; raise it (limit / memory fraction) if the device has room."
-        } else if self.reserved < ceiling / 2 && self.device_free < self.requested {
+        } else if self.reserved < ceiling / 2
+            && self.device_free.is_some_and(|free| free < self.requested)
+        {
             "other processes or allocators hold most of the device; free memory there."
         } else if !self.remapping && self.cached_free >= self.requested {
             "enough memory is cached but split across segments, which the legacy backend cannot remap; use backend:vmm."

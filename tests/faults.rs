@@ -723,11 +723,6 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(non-string panic)".into())
 }
 
-/// tessera builds an OOM report with `cuMemGetInfo` and reads a failure as "0 B free on the
-/// device" without saying so (see `a_failed_mem_info_in_an_oom_report_is_reported`). While this
-/// is true, that call is not held to "some operation reports it".
-const KNOWN_BUG_MEM_INFO_SWALLOWED: bool = true;
-
 /// Scenario rows done: (scenario, backend, call kinds, cases), printed as a table once all are.
 static DONE: Mutex<Vec<(String, usize, usize)>> = Mutex::new(Vec::new());
 
@@ -801,8 +796,7 @@ fn every_fault_at_every_point(name: &str, backend: Backend) {
                             .chain(&out.counted)
                             .chain(&out.in_hooks)
                             .any(|e| e.contains(call.cuda_name()));
-                        let known = KNOWN_BUG_MEM_INFO_SWALLOWED && call == Call::MemInfo;
-                        if error != CudaError::OutOfMemory && !named && !known {
+                        if error != CudaError::OutOfMemory && !named {
                             failures.push(format!(
                                 "{name}, {backend}: {call} failing ({}) at call {n} of {count}: \
                                  no operation reported it: {:?}",
@@ -905,10 +899,9 @@ fn every_driver_call_failing_at_random() {
 }
 
 /// The OOM report asks the driver what is free on the device; when that query fails, the report
-/// must not state a figure it does not have (today it says "0 B free on the device", and the
-/// hint may blame other processes), and the failure is reported.
+/// must not state a figure it does not have (it once said "0 B free on the device", and the
+/// hint could blame other processes), and the failure is reported and counted.
 #[test]
-#[ignore = "bug: a failed cuMemGetInfo in an OOM report reads as 0 B free, and is not reported"]
 fn a_failed_mem_info_in_an_oom_report_is_reported() {
     let (sim, t) = sim_alloc_backend(8 * MIB, Backend::Vmm);
     t.stats(0).unwrap();
@@ -918,5 +911,19 @@ fn a_failed_mem_info_in_an_oom_report_is_reported() {
     assert!(err.is_out_of_memory(), "{err:?}");
     let text = err.to_string();
     assert!(!text.contains("(0 B free on the device)"), "{text}");
+    assert!(text.contains("(free memory unknown)"), "{text}");
     assert!(text.contains("cuMemGetInfo"), "{text}");
+    let Error::OutOfMemory(r) = &err else {
+        unreachable!()
+    };
+    assert_eq!(r.device_free, None);
+    let st = t.stats(0).unwrap();
+    assert_eq!(st.driver_errors, 1, "{st:?}");
+    assert!(
+        st.last_driver_error
+            .as_deref()
+            .is_some_and(|e| e.contains("cuMemGetInfo")),
+        "{st:?}"
+    );
+    t.check_invariants(0).unwrap();
 }

@@ -287,7 +287,10 @@ impl World {
                     "step {step}: {size} B on {stream:?} failed though it fits: {st:?}\n{r}"
                 );
                 // Nor may it fit when the request gives up (the hook may have freed memory).
-                let ceiling = r.limit.unwrap_or(u64::MAX).min(r.reserved + r.device_free);
+                // (The free figure is unknown only when cuMemGetInfo failed: a fault.)
+                assert!(self.armed || r.device_free.is_some(), "step {step}: {r}");
+                let device_free = r.device_free.unwrap_or(0);
+                let ceiling = r.limit.unwrap_or(u64::MAX).min(r.reserved + device_free);
                 assert!(
                     self.armed || !fits(rounded, ps, r.largest_free, r.reserved, ceiling),
                     "step {step}: {size} B on {stream:?} failed though it fits now: {r}"

@@ -190,7 +190,7 @@ fn worker(shared: &Shared, k: usize, devices: usize, seed: u64, ops: u64) -> Cou
 fn run(backend: Backend, devices: usize, ops: u64, deadline: Option<Instant>) {
     let sim = Arc::new(SimDriver::new(SimConfig {
         devices,
-        capacity: 256 * MIB,
+        capacity: 128 * MIB,
         ..SimConfig::default()
     }));
     let config = Config {

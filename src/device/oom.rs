@@ -182,15 +182,27 @@ impl DeviceState {
     }
 
     /// The figures of an OOM error, taken now.
+    /// A failing `cuMemGetInfo` leaves the free figure unknown (never a made-up 0, which would
+    /// blame other processes), joins the report's driver error, and is counted in the stats.
     pub(crate) fn oom_report(
-        &self,
+        &mut self,
         requested: u64,
         hooks_called: u32,
         hooks_freed: u64,
-        driver_error: Option<String>,
+        mut driver_error: Option<String>,
     ) -> OomReport {
+        let device_free = match self.drv.mem_info(self.dev) {
+            Ok(m) => Some(m.free),
+            Err(e) => {
+                self.c.note_driver_error(&e);
+                driver_error = Some(match driver_error {
+                    Some(d) => format!("{d}; then {e}"),
+                    None => e.to_string(),
+                });
+                None
+            }
+        };
         let stats = self.stats();
-        let device_free = self.drv.mem_info(self.dev).map(|m| m.free).unwrap_or(0);
         let limit = self.limit_bytes();
         OomReport {
             device: self.dev,

@@ -479,8 +479,8 @@ impl PytorchAllocator {
     /// The out-of-memory error for a request of `requested` bytes, with the figures as they are now.
     fn oom(&self, requested: u64, refused: Option<DriverError>) -> Error {
         let (device_free, capacity) = match self.drv.mem_info(self.dev) {
-            Ok(m) => (m.free, m.total),
-            Err(_) => (0, self.total),
+            Ok(m) => (Some(m.free), m.total),
+            Err(_) => (None, self.total),
         };
         Error::OutOfMemory(Box::new(OomReport {
             device: self.dev,

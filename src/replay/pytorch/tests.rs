@@ -211,7 +211,7 @@ fn native_oom_fallback_releases_whole_segments() {
     };
     assert_eq!(
         (r.requested, r.capacity, r.device_free),
-        (16 * MIB, 64 * MIB, 12 * MIB)
+        (16 * MIB, 64 * MIB, Some(12 * MIB))
     );
     assert_eq!(
         (r.reserved, r.allocated, r.cached_free),
