@@ -11,6 +11,8 @@
 #   1. abi_check     nvcc-compiles cuda/abi_check.cu against the carried libtessera.so and runs it
 #                    with TESSERA_DRIVER=cuda: remapping under a cap, kernel-verified patterns in
 #                    every live allocation, two streams, record_stream, an OOM.
+#   1b. sanitizer    the same program under compute-sanitizer's memcheck (invalid device accesses,
+#                    e.g. a kernel touching memory tessera unmapped); SKIP without compute-sanitizer.
 #   2. c_abi_sim     tests/c/abi_test.c and tests/c/torch_malloc_test.cpp against the same library,
 #                    on the SIMULATED device (TESSERA_DRIVER=sim): they write device memory with the
 #                    CPU (memset/memcmp), which is only valid there, so they never run with
@@ -97,6 +99,25 @@ else
   else
     verdict FAIL abi_check "nvcc could not compile cuda/abi_check.cu (see $LOGS/abi_check_build.log)"
   fi
+fi
+echo
+
+# 1b. compute-sanitizer over abi_check (issue 6) ------------------------------------------------------
+# memcheck sees every kernel access: a kernel touching memory tessera unmapped or remapped under it
+# would be reported here even when the pattern checks happen to pass. (No --leak-check: the
+# process-wide allocator keeps its cache until exit by design.)
+echo "== 1b. compute-sanitizer memcheck over abi_check"
+SANITIZER=${COMPUTE_SANITIZER:-$(command -v compute-sanitizer || echo "$(dirname "$(command -v "$NVCC" 2>/dev/null || echo /usr/local/cuda/bin/nvcc)")/compute-sanitizer")}
+if [ ! -x "$BUILD/abi_check" ]; then
+  verdict FAIL sanitizer "abi_check was not built (step 1)"
+elif [ ! -x "$SANITIZER" ]; then
+  verdict SKIP sanitizer "compute-sanitizer not found (set COMPUTE_SANITIZER=/path/to/compute-sanitizer)"
+elif run sanitizer env -u TESSERA_SIM -u TESSERA_CONF -u TESSERA_TRACE TESSERA_DRIVER=cuda \
+    "$SANITIZER" --tool memcheck --error-exitcode 97 "$BUILD/abi_check" \
+  && grep -q '^abi_check: OK$' "$LOGS/sanitizer.log"; then
+  verdict PASS sanitizer "$(grep -m1 'ERROR SUMMARY' "$LOGS/sanitizer.log" || echo 'no errors')"
+else
+  verdict FAIL sanitizer "see $LOGS/sanitizer.log: $(grep -m1 -E 'ERROR SUMMARY|Invalid|FAIL' "$LOGS/sanitizer.log" || tail -1 "$LOGS/sanitizer.log")"
 fi
 echo
 
