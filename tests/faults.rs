@@ -22,7 +22,6 @@
 
 mod common;
 use common::*;
-use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tessera::driver::sim::{SimConfig, SimDriver};
@@ -293,75 +292,10 @@ struct Slot {
     data: Option<Vec<u64>>,
 }
 
-/// Live raw allocations, each with a pattern at its first and last word and one word every
-/// 64 KiB: every page (2 MiB) holds many, so data lost or moved by a remap shows, at a fraction
-/// of the cost of `Tracker`'s word every 512 B (this file runs each scenario hundreds of times).
-#[derive(Default)]
-struct Patterns {
-    live: HashMap<DevicePtr, (u64, u64)>,
-    next_seed: u64,
-}
-
-impl Patterns {
-    fn offsets(size: u64) -> impl Iterator<Item = u64> {
-        let last = size.max(8) - 8;
-        (0..size).step_by(64 * 1024).chain([last]).map(|o| o & !7)
-    }
-
-    fn add(&mut self, ptr: DevicePtr, size: u64) {
-        self.next_seed += 1;
-        let seed = self.next_seed;
-        for off in Self::offsets(size) {
-            // SAFETY: `ptr` is a live simulated-device allocation of at least `size` (>= 8)
-            // bytes, mapped read/write in this process; `off + 8 <= size`, 8-aligned.
-            unsafe { ((ptr + off) as *mut u64).write(seed ^ off) };
-        }
-        assert!(
-            self.live.insert(ptr, (size, seed)).is_none(),
-            "pointer {ptr:#x} handed out twice"
-        );
-    }
-
-    fn check_one(&self, ptr: DevicePtr) {
-        let (size, seed) = self.live[&ptr];
-        for off in Self::offsets(size) {
-            // SAFETY: as in `add`; the allocation is still live.
-            let got = unsafe { ((ptr + off) as *const u64).read() };
-            assert_eq!(
-                got,
-                seed ^ off,
-                "allocation {ptr:#x} corrupted at offset {off}"
-            );
-        }
-    }
-
-    fn remove(&mut self, ptr: DevicePtr) {
-        self.check_one(ptr);
-        self.live.remove(&ptr);
-    }
-
-    /// Every pattern, and that no two allocations overlap.
-    fn check(&self) {
-        let mut spans: Vec<(u64, u64)> = self.live.iter().map(|(&p, &(s, _))| (p, p + s)).collect();
-        spans.sort_unstable();
-        for w in spans.windows(2) {
-            assert!(
-                w[0].1 <= w[1].0,
-                "allocations {:#x} and {:#x} overlap",
-                w[0].0,
-                w[1].0
-            );
-        }
-        for &p in self.live.keys() {
-            self.check_one(p);
-        }
-    }
-}
-
 /// What is live, shared with the eviction hook.
 #[derive(Default)]
 struct Live {
-    tr: Patterns,
+    tr: Tracker,
     slots: Vec<Option<Slot>>,
     evictable: Vec<usize>,
     evicted: usize,
@@ -373,6 +307,8 @@ struct Live {
 impl Live {
     fn new() -> Live {
         Live {
+            // One word every 64 KiB: this file runs each scenario hundreds of times.
+            tr: Tracker::sparse(),
             slots: vec![None; SLOTS],
             ..Live::default()
         }
@@ -704,7 +640,7 @@ fn run(
             let p = t
                 .allocate(d, size, S0)
                 .unwrap_or_else(|e| panic!("device {d} after the faults: {e}"));
-            let mut tr = Patterns::default();
+            let mut tr = Tracker::sparse();
             tr.add(p, size);
             tr.remove(p);
             t.free(d, p).unwrap();

@@ -49,26 +49,50 @@ pub fn sim_alloc_with(sim: SimConfig, config: Config) -> (Arc<SimDriver>, Tesser
 /// Stride between pattern words: one `u64` every 512 B covers every page and every block.
 const STRIDE: u64 = 512;
 
-fn word(seed: u64, i: u64) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)
+/// The word at offset `off` of the allocation with `seed` (keyed by offset, so that an offset
+/// listed twice gets the same word).
+fn word(seed: u64, off: u64) -> u64 {
+    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ off.wrapping_mul(0xD1B5_4A32_D192_ED03)
 }
 
 /// Live allocations with their patterns.
-#[derive(Default)]
 pub struct Tracker {
     live: HashMap<DevicePtr, (u64, u64)>,
     next_seed: u64,
+    /// Bytes between pattern words (the last word of each allocation is always written too).
+    stride: u64,
+}
+
+impl Default for Tracker {
+    /// One word every 512 B: every block, every page.
+    fn default() -> Self {
+        Tracker {
+            live: HashMap::new(),
+            next_seed: 0,
+            stride: STRIDE,
+        }
+    }
 }
 
 impl Tracker {
+    /// One word every 64 KiB and the last: every page (2 MiB) still holds many, so data lost or
+    /// moved by a remap shows, at a fraction of the cost (for tests that run a scenario hundreds
+    /// of times).
+    pub fn sparse() -> Self {
+        Tracker {
+            stride: 64 << 10,
+            ..Tracker::default()
+        }
+    }
+
     /// Records a new allocation and writes its pattern.
     pub fn add(&mut self, ptr: DevicePtr, size: u64) {
         self.next_seed += 1;
         let seed = self.next_seed;
-        for (i, off) in offsets(size).enumerate() {
+        for off in offsets(size, self.stride) {
             // SAFETY: `ptr` is a live simulated-device allocation of at least `size` bytes, mapped
             // read/write in this process; `off + 8 <= size`, and offsets are 8-aligned.
-            unsafe { ((ptr + off) as *mut u64).write(word(seed, i as u64)) };
+            unsafe { ((ptr + off) as *mut u64).write(word(seed, off)) };
         }
         assert!(
             self.live.insert(ptr, (size, seed)).is_none(),
@@ -83,12 +107,12 @@ impl Tracker {
 
     fn check_one(&self, ptr: DevicePtr) {
         let (size, seed) = self.live[&ptr];
-        for (i, off) in offsets(size).enumerate() {
+        for off in offsets(size, self.stride) {
             // SAFETY: as in `add`; the allocation is still live.
             let got = unsafe { ((ptr + off) as *const u64).read() };
             assert_eq!(
                 got,
-                word(seed, i as u64),
+                word(seed, off),
                 "allocation {ptr:#x} (size {size}) corrupted at offset {off}"
             );
         }
@@ -126,11 +150,13 @@ impl Tracker {
     }
 }
 
-fn offsets(size: u64) -> impl Iterator<Item = u64> {
+fn offsets(size: u64, stride: u64) -> impl Iterator<Item = u64> {
     // Every request is rounded up to 512 B, so even a request of under 8 bytes holds one word.
     let size = size.max(8);
     let last = size - 8;
-    (0..size.div_ceil(STRIDE)).map(move |i| (i * STRIDE).min(last) & !7)
+    (0..size.div_ceil(stride))
+        .map(move |i| (i * stride).min(last) & !7)
+        .chain(std::iter::once(last & !7))
 }
 
 /// Allocates, tracks, checks.
