@@ -182,6 +182,7 @@ impl DeviceState {
     }
 
     /// The figures of an OOM error, taken now.
+    ///
     /// A failing `cuMemGetInfo` leaves the free figure unknown (never a made-up 0, which would
     /// blame other processes), joins the report's driver error, and is counted in the stats.
     pub(crate) fn oom_report(
