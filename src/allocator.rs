@@ -143,8 +143,15 @@ impl Tessera {
         }
     }
 
+    /// The trace being written, if any.
+    #[cfg(not(loom))] // for `global.rs`, which a loom build leaves out
+    pub(crate) fn trace_log(&self) -> Option<&TraceLog> {
+        self.trace.get()
+    }
+
     /// [`Tessera::flush_trace`], then every later line is written at once (the process is
     /// exiting: events from later exit handlers still reach the file).
+    #[cfg(not(loom))]
     pub(crate) fn flush_trace_for_exit(&self) {
         if let Some(t) = self.trace.get() {
             t.flush_and_write_through();

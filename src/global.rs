@@ -16,8 +16,9 @@
 //! - [`configure_global`] succeeds only while `PENDING` is open, and creation closes it under its
 //!   lock: a configuration either reaches the allocator or is refused, never silently dropped.
 //! - Nothing is torn down at exit (statics are never dropped, so a free that comes after exit
-//!   handlers still finds a live allocator); an exit handler flushes the trace, if one is written,
-//!   and so does a before-fork handler (a child must not inherit, and write again, buffered lines).
+//!   handlers still finds a live allocator); an exit handler flushes the trace, if one is written.
+//!   Fork handlers hold the trace's lock, flushed, across a fork; the child stops tracing (see
+//!   `trace_log.rs`).
 //!
 //! # Locking
 //! `PENDING`'s lock is held while `GLOBAL` is made, so a configuration and the creation never race.
@@ -92,11 +93,16 @@ fn create() -> Result<Tessera> {
     let t = Tessera::new(driver_from_env()?, config)?;
     // SAFETY: both handlers are `extern "C" fn()`s that never unwind (they catch panics), as
     // atexit and pthread_atfork require. A failed registration only loses that flush, so the
-    // results are ignored. Before a fork the buffer is flushed, so that a child which exits
-    // (flushing at exit) does not write the parent's buffered lines a second time.
+    // results are ignored. Around a fork the forking thread holds the trace's lock, flushed: a
+    // child that exits (flushing at exit) does not write the parent's lines a second time, nor
+    // inherit the lock held by another thread; the child stops tracing.
     unsafe {
         libc::atexit(flush_trace_at_exit);
-        libc::pthread_atfork(Some(flush_trace_before_fork), None, None);
+        libc::pthread_atfork(
+            Some(trace_before_fork),
+            Some(trace_after_fork_in_parent),
+            Some(trace_after_fork_in_child),
+        );
     }
     Ok(t)
 }
@@ -129,12 +135,48 @@ extern "C" fn flush_trace_at_exit() {
     });
 }
 
-/// The before-fork handler: writes the trace's buffered lines.
-extern "C" fn flush_trace_before_fork() {
+thread_local! {
+    /// Set by the before-fork handler on the forking thread when it took the trace's lock: the
+    /// after-fork handlers (same thread, in parent and child) let go of it only then. (The
+    /// allocator may have been made between the handlers.)
+    static HOLDS_TRACE_FOR_FORK: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Before a fork: the trace's lock taken and held, its lines flushed.
+extern "C" fn trace_before_fork() {
     // Nor out of a fork handler.
     let _ = std::panic::catch_unwind(|| {
         if let Some(Ok(t)) = GLOBAL.get() {
-            t.flush_trace();
+            if let Some(log) = t.trace_log() {
+                log.before_fork();
+                HOLDS_TRACE_FOR_FORK.with(|h| h.set(true));
+            }
         }
     });
+}
+
+/// After a fork, in the parent: the trace's lock let go.
+extern "C" fn trace_after_fork_in_parent() {
+    let _ = std::panic::catch_unwind(|| after_fork(false));
+}
+
+/// After a fork, in the child: the trace's lock let go, and tracing stopped.
+extern "C" fn trace_after_fork_in_child() {
+    let _ = std::panic::catch_unwind(|| after_fork(true));
+}
+
+fn after_fork(child: bool) {
+    if !HOLDS_TRACE_FOR_FORK.with(|h| h.replace(false)) {
+        return;
+    }
+    if let Some(log) = GLOBAL.get().and_then(|g| g.as_ref().ok()?.trace_log()) {
+        // SAFETY: this thread's before-fork handler took the lock and kept it (the flag says so).
+        unsafe {
+            if child {
+                log.after_fork_in_child();
+            } else {
+                log.after_fork_in_parent();
+            }
+        }
+    }
 }

@@ -17,8 +17,10 @@
 //! released. A free holds the log's lock across the device's free (log lock, then device lock), so
 //! that the pointer cannot be handed out and logged again before its free is logged. The device
 //! lock is never held while the log's lock is taken, so the two cannot deadlock; an OOM hook that
-//! frees runs with no log lock held by its thread. A write error is reported once on stderr and
-//! tracing stops; the allocator goes on.
+//! frees runs with no log lock held by its thread. Around a `fork` of the process-wide allocator
+//! the forking thread holds the log's lock (`before_fork` to `after_fork_in_*`), so that the child
+//! neither inherits a lock held by a thread it does not have nor writes the parent's lines again.
+//! A write error is reported once on stderr and tracing stops; the allocator goes on.
 
 use crate::driver::{DevicePtr, Stream};
 use crate::sync::Mutex;
@@ -131,9 +133,50 @@ impl TraceLog {
     /// Writes buffered lines to the file, and from then on writes each line at once: for the exit
     /// handler, after which events (frees from other exit handlers or destructors) still come but
     /// no flush will.
+    #[cfg(not(loom))] // for `global.rs`, which a loom build leaves out
     pub(crate) fn flush_and_write_through(&self) {
         self.inner.lock().write_through = true;
         self.flush();
+    }
+
+    /// Before a `fork`: takes the log's lock, flushes, and keeps the lock across the fork (the
+    /// guard is forgotten), so that no other thread logs a line between the flush and the fork,
+    /// and the child does not inherit a lock held by a thread it does not have. Exactly one of
+    /// [`TraceLog::after_fork_in_parent`] and [`TraceLog::after_fork_in_child`] must follow, on
+    /// the same thread.
+    #[cfg(not(loom))]
+    pub(crate) fn before_fork(&self) {
+        let mut g = self.inner.lock();
+        if let Some(out) = g.out.as_mut() {
+            if let Err(e) = out.flush() {
+                g.fail(&e);
+            }
+        }
+        std::mem::forget(g);
+    }
+
+    /// After a `fork`, in the parent: lets go of the lock [`TraceLog::before_fork`] kept.
+    ///
+    /// # Safety
+    /// This thread called `before_fork` and has not let go of its lock since.
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn after_fork_in_parent(&self) {
+        // SAFETY: the caller's contract: this thread holds the lock, its guard forgotten.
+        unsafe { self.inner.force_unlock() };
+    }
+
+    /// After a `fork`, in the child: lets go of the lock and stops tracing. The child's events
+    /// would go to the parent's file under ids that clash with the parent's; the buffer is empty
+    /// (flushed before the fork), so dropping the writer writes nothing and closes the child's
+    /// copy of the file.
+    ///
+    /// # Safety
+    /// As [`TraceLog::after_fork_in_parent`].
+    #[cfg(not(loom))]
+    pub(crate) unsafe fn after_fork_in_child(&self) {
+        // SAFETY: as in `after_fork_in_parent`.
+        unsafe { self.inner.force_unlock() };
+        self.inner.lock().out = None;
     }
 
     /// Writes buffered lines to the file.

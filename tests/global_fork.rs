@@ -1,8 +1,8 @@
 //! A fork while the process-wide allocator writes a `TESSERA_TRACE`: the child inherits the trace's
-//! buffer, and a child that exits flushes it at exit. Without the before-fork flush, the parent's
-//! buffered lines would be written twice (once by the child, once by the parent), and the file
-//! would hold allocations the process never made. One test in its own binary: it sets environment
-//! variables before the allocator is made.
+//! buffer, and a child that exits flushes it at exit. Without the fork handlers, the parent's
+//! buffered lines would be written twice (once by the child, once by the parent), and the child's
+//! own events would land in the parent's file under clashing ids. One test in its own binary: it
+//! sets environment variables before the allocator is made.
 
 use tessera::driver::Stream;
 use tessera::replay::trace;
@@ -28,8 +28,13 @@ fn a_forked_child_that_exits_does_not_write_the_parents_lines_again() {
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
     if pid == 0 {
+        // The child's own events are not traced: their ids would clash with the parent's.
+        let ok = t
+            .allocate(0, 4096, Stream(2))
+            .and_then(|p| t.free(0, p))
+            .is_ok();
         // SAFETY: ends the child, running its exit handlers; never returns.
-        unsafe { libc::exit(0) };
+        unsafe { libc::exit(if ok { 0 } else { 3 }) };
     }
     let mut status = 0;
     // SAFETY: `pid` is our child; `status` is a valid out-pointer.
@@ -49,7 +54,7 @@ fn a_forked_child_that_exits_does_not_write_the_parents_lines_again() {
     assert_eq!(
         (allocs, frees),
         (5, 5),
-        "the trace must hold this process's events once each:\n{text}"
+        "the trace must hold the parent's events once each, and no child's:\n{text}"
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
