@@ -197,8 +197,10 @@ extern "C" {
 #endif // __cplusplus
 
 /**
- * This thread's last error message, or `""` when there is none. The pointer stays valid until
- * this thread's next failing call or `tessera_clear_last_error`.
+ * This thread's last error message, or `""` when there is none. The pointer belongs to the
+ * calling thread's slot and stays valid until this thread's next failing call or
+ * `tessera_clear_last_error` (and while the thread lives). A message longer than 4 KiB is cut
+ * and ends in `...`.
  */
 const char *tessera_last_error(void);
 

@@ -161,6 +161,8 @@ impl OomReport {
         let ceiling = self.limit.unwrap_or(self.capacity).min(self.capacity);
         if self.requested > ceiling {
             "the request alone is larger than the device or the limit; split it or use a larger device."
+        } else if self.device_free.is_none() {
+            "the driver could not say what is free (see its error above); the device may be unusable."
         } else if self
             .limit
             .is_some_and(|l| l < self.capacity && self.reserved + self.requested > l)

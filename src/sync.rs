@@ -2,9 +2,10 @@
 //!
 //! Under `cfg(loom)` these are loom's model-checked types; otherwise `parking_lot`'s locks and
 //! `std`'s atomics. Nothing else in the crate names a lock or atomic type directly, so a loom model
-//! sees the allocator's synchronisation (the pattern of tokio's `src/loom/`). The one exception is
+//! sees the allocator's synchronisation (the pattern of tokio's `src/loom/`). The exceptions:
 //! `std::sync::OnceLock` (loom 0.7 has none), which publishes each device's allocator and the trace
-//! log once: its initialisation is serialised by a shim lock, and it never blocks afterwards.
+//! log once (its initialisation is serialised by a shim lock, and it never blocks afterwards), and
+//! the process-wide allocator's `std` locks in `global.rs`, which a loom build leaves out.
 //!
 //! Locking rule: the crate takes at most one device lock at a time, and never holds it while it calls
 //! a user hook or waits on the driver for something that may re-enter the allocator.

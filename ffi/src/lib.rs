@@ -85,8 +85,10 @@ fn stream(s: cudaStream_t) -> Stream {
     Stream(s as u64)
 }
 
-/// This thread's last error message, or `""` when there is none. The pointer stays valid until
-/// this thread's next failing call or `tessera_clear_last_error`.
+/// This thread's last error message, or `""` when there is none. The pointer belongs to the
+/// calling thread's slot and stays valid until this thread's next failing call or
+/// `tessera_clear_last_error` (and while the thread lives). A message longer than 4 KiB is cut
+/// and ends in `...`.
 #[no_mangle]
 pub extern "C" fn tessera_last_error() -> *const c_char {
     error::last_error_ptr()

@@ -110,13 +110,20 @@ impl DeviceAllocator {
                 return Ok(p);
             }
             // (Even when it gives nothing back: releasing first merges the free neighbours of
-            // finished streams, which may make a block that fits.)
-            st.release_cache()?;
-            if !retried {
-                st.c.alloc_retries += 1;
-            }
-            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
-                return Ok(p);
+            // finished streams, which may make a block that fits.) A failure to release ends
+            // the request as an OOM, not a driver error: it is counted, and the report names it.
+            match st.release_cache() {
+                Ok(_) => {
+                    if !retried {
+                        st.c.alloc_retries += 1;
+                    }
+                    if let Some(p) =
+                        attempt(&mut st, rounded, requested, stream, true, &mut refused)?
+                    {
+                        return Ok(p);
+                    }
+                }
+                Err(e) => st.c.note_driver_error(&e),
             }
         }
         // 5. Fail, saying why; first give back what the failed attempts gathered, so that a

@@ -478,9 +478,16 @@ impl PytorchAllocator {
 
     /// The out-of-memory error for a request of `requested` bytes, with the figures as they are now.
     fn oom(&self, requested: u64, refused: Option<DriverError>) -> Error {
+        let mut driver_error = refused.map(|e| e.to_string());
         let (device_free, capacity) = match self.drv.mem_info(self.dev) {
             Ok(m) => (Some(m.free), m.total),
-            Err(_) => (None, self.total),
+            Err(e) => {
+                driver_error = Some(match driver_error {
+                    Some(d) => format!("{d}; then {e}"),
+                    None => e.to_string(),
+                });
+                (None, self.total)
+            }
         };
         Error::OutOfMemory(Box::new(OomReport {
             device: self.dev,
@@ -500,7 +507,7 @@ impl PytorchAllocator {
             stranded: self.stranded_bytes(),
             hooks_freed: 0,
             hooks_called: 0,
-            driver_error: refused.map(|e| e.to_string()),
+            driver_error,
             remapping: self.rules == Rules::Expandable,
         }))
     }
