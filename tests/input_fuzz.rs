@@ -29,15 +29,15 @@
 //! the whole file takes well under 30 s in a debug build; each prints how many cases it ran
 //! (`cargo test --test input_fuzz -- --nocapture`). A failure prints the shrunk input.
 
+mod common;
+use common::files::{gzip, TempFile};
+
 use std::cell::Cell;
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::OnceLock;
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use tessera::config::{Backend, Config, KEYS};
@@ -755,37 +755,9 @@ fn mutate(edits: &[Mutation]) -> Vec<(String, bool)> {
     lines
 }
 
-/// Writes `bytes` to a fresh temporary file, removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn with(bytes: &[u8]) -> TempFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "tessera-input-fuzz-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, bytes).unwrap();
-        TempFile(path)
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut e = GzEncoder::new(Vec::new(), Compression::fast());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
-}
-
 /// `load` of `bytes` in a file: no panic; a malformed line is one of `lines`.
 fn check_load(bytes: &[u8], lines: u64) -> Result<Result<Trace, TraceError>, TestCaseError> {
-    let f = TempFile::with(bytes);
+    let f = TempFile::with("input", bytes);
     let name = f.0.display().to_string();
     let r = load(&f.0, 0);
     match &r {

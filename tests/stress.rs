@@ -58,41 +58,20 @@ fn size(rng: &mut Rng) -> u64 {
     }
 }
 
-/// The words of a pattern: the first and last word and one every 64 KiB, so a check costs little
-/// even for large blocks yet touches every page.
-/// (A request of under 8 bytes still gets a block of at least 512: the word fits.)
-fn offsets(size: u64) -> impl Iterator<Item = u64> {
-    let size = size.max(8);
-    let last = (size - 8) & !7;
-    (0..size.div_ceil(64 << 10))
-        .map(move |i| (i * (64 << 10)).min(last))
-        .chain(std::iter::once(last))
-}
+/// One pattern word every 64 KiB (and the last): a check costs little even for large blocks, yet
+/// touches every page.
+const STRIDE: u64 = 64 << 10;
 
-fn word(seed: u64, off: u64) -> u64 {
-    seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ off
-}
-
-fn write_pattern(a: &Live) {
-    for off in offsets(a.size) {
-        // SAFETY: `a.ptr` is a live simulated-device allocation of `a.size` bytes (host memory
-        // mapped read/write in this process), owned by this worker alone; `off + 8 <= max(size, 8)`
-        // and every block is at least 512 bytes; `off` is 8-aligned, and so are allocations (512).
-        unsafe { ((a.ptr + off) as *mut u64).write(word(a.seed, off)) };
+impl Live {
+    fn write_pattern(&self) {
+        // SAFETY: a live simulated-device allocation of `size` bytes (host memory), owned by one
+        // worker at a time (handed over through a mutex).
+        unsafe { common::write_pattern(self.ptr, self.size, self.seed, STRIDE) };
     }
-}
 
-fn check_pattern(a: &Live) {
-    for off in offsets(a.size) {
-        // SAFETY: as in `write_pattern`; the allocation is still live and no one else writes it.
-        let got = unsafe { ((a.ptr + off) as *const u64).read() };
-        assert_eq!(
-            got,
-            word(a.seed, off),
-            "allocation {:#x} (size {}) corrupted at offset {off}",
-            a.ptr,
-            a.size
-        );
+    fn check_pattern(&self) {
+        // SAFETY: as in `write_pattern`.
+        unsafe { common::check_pattern(self.ptr, self.size, self.seed, STRIDE) };
     }
 }
 
@@ -124,7 +103,7 @@ fn worker(shared: &Shared, k: usize, devices: usize, seed: u64, ops: u64) -> Cou
         if op.is_multiple_of(64) {
             let mut inbox = std::mem::take(&mut *shared.mailbox[k].lock().unwrap());
             for a in inbox.drain(..) {
-                check_pattern(&a);
+                a.check_pattern();
                 shared
                     .t
                     .free(a.device, a.ptr)
@@ -135,7 +114,7 @@ fn worker(shared: &Shared, k: usize, devices: usize, seed: u64, ops: u64) -> Cou
         let free = !live.is_empty() && (live.len() >= 24 || rng.below(2) == 0);
         if free {
             let a = live.swap_remove(rng.below(live.len() as u64) as usize);
-            check_pattern(&a);
+            a.check_pattern();
             match rng.below(16) {
                 0 => {
                     shared.mailbox[1 - k].lock().unwrap().push(a);
@@ -168,7 +147,7 @@ fn worker(shared: &Shared, k: usize, devices: usize, seed: u64, ops: u64) -> Cou
                         size,
                         seed: next_seed,
                     };
-                    write_pattern(&a);
+                    a.write_pattern();
                     live.push(a);
                     c.allocs += 1;
                 }
@@ -178,7 +157,7 @@ fn worker(shared: &Shared, k: usize, devices: usize, seed: u64, ops: u64) -> Cou
         }
     }
     for a in live {
-        check_pattern(&a);
+        a.check_pattern();
         shared.t.free(a.device, a.ptr).expect("final free");
         c.frees += 1;
     }
@@ -247,7 +226,7 @@ fn run(backend: Backend, devices: usize, ops: u64, deadline: Option<Instant>) {
         // Blocks handed over after the receiver's last look at its mailbox.
         for m in &shared.mailbox {
             for a in m.lock().unwrap().drain(..) {
-                check_pattern(&a);
+                a.check_pattern();
                 shared.t.free(a.device, a.ptr).unwrap();
                 totals.frees += 1;
             }

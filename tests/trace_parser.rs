@@ -3,13 +3,12 @@
 //! cannot be replayed are problems, dropped, and never break the invariants of the events that
 //! remain.
 
-use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+use common::files::{gzip, TempFile};
 
-use flate2::write::GzEncoder;
-use flate2::Compression;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+
 use proptest::prelude::*;
 use tessera::replay::trace::{
     load, parse_csv, parse_snapshot, Event, Op, Problem, RecordedPoint, Trace, TraceError,
@@ -56,38 +55,6 @@ fn malformed(text: &str) -> String {
         Err(e @ TraceError::Malformed { .. }) => e.to_string(),
         other => panic!("{text:?}: expected a Malformed error, got {other:?}"),
     }
-}
-
-/// A path in the temp dir unique to this process and call; the file is removed on drop.
-struct TempFile(PathBuf);
-
-impl TempFile {
-    fn new(name: &str) -> TempFile {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        TempFile(std::env::temp_dir().join(format!(
-            "tessera-trace-parser-{}-{n}-{name}",
-            std::process::id()
-        )))
-    }
-
-    fn with(name: &str, bytes: &[u8]) -> TempFile {
-        let f = TempFile::new(name);
-        std::fs::write(&f.0, bytes).unwrap();
-        f
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn gzip(bytes: &[u8]) -> Vec<u8> {
-    let mut e = GzEncoder::new(Vec::new(), Compression::default());
-    e.write_all(bytes).unwrap();
-    e.finish().unwrap()
 }
 
 fn fixture() -> PathBuf {

@@ -2,6 +2,8 @@
 //! allocation and checks all of them after every operation (remaps included).
 #![allow(dead_code)]
 
+pub mod files;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use tessera::driver::sim::{SimConfig, SimDriver};
@@ -89,11 +91,8 @@ impl Tracker {
     pub fn add(&mut self, ptr: DevicePtr, size: u64) {
         self.next_seed += 1;
         let seed = self.next_seed;
-        for off in offsets(size, self.stride) {
-            // SAFETY: `ptr` is a live simulated-device allocation of at least `size` bytes, mapped
-            // read/write in this process; `off + 8 <= size`, and offsets are 8-aligned.
-            unsafe { ((ptr + off) as *mut u64).write(word(seed, off)) };
-        }
+        // SAFETY: `ptr` is a live simulated-device allocation of `size` bytes, fresh and ours.
+        unsafe { write_pattern(ptr, size, seed, self.stride) };
         assert!(
             self.live.insert(ptr, (size, seed)).is_none(),
             "pointer {ptr:#x} handed out twice"
@@ -107,15 +106,8 @@ impl Tracker {
 
     fn check_one(&self, ptr: DevicePtr) {
         let (size, seed) = self.live[&ptr];
-        for off in offsets(size, self.stride) {
-            // SAFETY: as in `add`; the allocation is still live.
-            let got = unsafe { ((ptr + off) as *const u64).read() };
-            assert_eq!(
-                got,
-                word(seed, off),
-                "allocation {ptr:#x} (size {size}) corrupted at offset {off}"
-            );
-        }
+        // SAFETY: as in `add`; the allocation is still live.
+        unsafe { check_pattern(ptr, size, seed, self.stride) };
     }
 
     /// Checks every live allocation's pattern, and that no two overlap.
@@ -147,6 +139,34 @@ impl Tracker {
 
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
+    }
+}
+
+/// Writes the pattern of `seed` into the allocation: one word every `stride` bytes and the last.
+///
+/// # Safety
+/// `[ptr, ptr + max(size, 8))` is a live simulated-device allocation (host memory mapped
+/// read/write in this process), 8-aligned, that no other thread reads or writes meanwhile.
+pub unsafe fn write_pattern(ptr: DevicePtr, size: u64, seed: u64, stride: u64) {
+    for off in offsets(size, stride) {
+        // SAFETY: the caller's contract; `off + 8 <= max(size, 8)`, and `off` is 8-aligned.
+        unsafe { ((ptr + off) as *mut u64).write(word(seed, off)) };
+    }
+}
+
+/// Panics unless the allocation still holds the pattern [`write_pattern`] wrote.
+///
+/// # Safety
+/// As [`write_pattern`] (no other thread writes it meanwhile).
+pub unsafe fn check_pattern(ptr: DevicePtr, size: u64, seed: u64, stride: u64) {
+    for off in offsets(size, stride) {
+        // SAFETY: as in `write_pattern`.
+        let got = unsafe { ((ptr + off) as *const u64).read() };
+        assert_eq!(
+            got,
+            word(seed, off),
+            "allocation {ptr:#x} (size {size}) corrupted at offset {off}"
+        );
     }
 }
 
