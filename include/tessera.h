@@ -341,6 +341,22 @@ int tessera_remove_oom_hook(int id);
 size_t tessera_snapshot_json(int device, char *buf, size_t len);
 
 /**
+ * Writes the allocator's segments and blocks as a PyTorch memory snapshot: the pickle that
+ * `torch.cuda.memory._snapshot()` returns and `_dump_snapshot()` writes, which PyTorch's memory
+ * viewer opens (`device_traces` are empty: tessera records no history). `device` is a device
+ * index, or -1 for every device the allocator has used.
+ *
+ * Returns the pickle's length in bytes; writes it to `buf` only when it fits (`len` at least that
+ * length), so that a caller asks with `len` 0 (and `buf` NULL), then again with a buffer of the
+ * length returned (and again should the allocator have changed in between). Returns 0 and an
+ * error on failure.
+ *
+ * # Safety
+ * `buf` points to `len` writable bytes, or `len` is 0.
+ */
+size_t tessera_memory_snapshot_pickle(int device, uint8_t *buf, size_t len);
+
+/**
  * Configures the allocator in the `TESSERA_CONF` syntax (e.g. `"backend:vmm,limit:8GiB"`),
  * overriding `TESSERA_CONF`. Returns 0, or `TESSERA_ERROR_CONFIG` for a bad string or when the
  * allocator was already made (configure before the first allocation).

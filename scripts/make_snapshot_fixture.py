@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes tests/data/snapshot_small.pickle: a small PyTorch memory snapshot for the trace reader tests.
+"""Writes tests/data/snapshot_*.pickle: small PyTorch memory snapshots for the trace reader tests.
 
 Pure Python (stdlib `pickle` only, no torch), deterministic: running it again writes the same bytes.
 Run it from anywhere: `python3 scripts/make_snapshot_fixture.py`.
@@ -26,38 +26,41 @@ Expected results (the Rust tests in tests/trace_parser.rs check exactly these)
 ------------------------------------------------------------------------------
 Device 0 (line = 1-based index of the entry in device_traces[0]; S = stream index):
 
-    line  entry                                   op                      problem
+    line  entry                                   op
+     0    (reconstructed: SEG0 6 MiB, freed at 6) Alloc slot 0, 6291456, S0
      1    segment_alloc SEG1 20 MiB, stream 0     -                       reserved += 20 MiB
-     2    alloc SEG1        4 MiB, stream 0       Alloc slot 0, 4194304, S0
-     3    alloc SEG1+4MiB   8 MiB, stream 0       Alloc slot 1, 8388608, S0
+     2    alloc SEG1        4 MiB, stream 0       Alloc slot 1, 4194304, S0
+     3    alloc SEG1+4MiB   8 MiB, stream 0       Alloc slot 2, 8388608, S0
      4    free_requested SEG1                     -
-     5    free_completed SEG1                     Free slot 0
-     6    free_completed SEG0 (before recording)  -                       free of unknown address
+     5    free_completed SEG1                     Free slot 1
+     6    free_completed SEG0 (before recording)  Free slot 0
      7    segment_alloc SEG2 2 MiB, SIDE stream   -                       reserved += 2 MiB
-     8    alloc SEG2        512 B, SIDE           Alloc slot 0, 512, S1
-     9    alloc SEG2+512   1024 B, SIDE           Alloc slot 2, 1024, S1
-    10    oom (device_free, no addr)              -
+     8    alloc SEG2        512 B, SIDE           Alloc slot 0, 512, S1  (free list: last freed first)
+     9    alloc SEG2+512   1024 B, SIDE           Alloc slot 1, 1024, S1
+    10    oom (device_free 123 MiB, 64 MiB)       - (a recorded OOM: entry 10, 64 MiB asked, 123 MiB free)
     11    snapshot                                -
     12    alloc SEG1        1 MiB, stream 0       Alloc slot 3, 1048576, S0
     13    free_requested SEG2                     -
     14    free_completed SEG2                     Free slot 0
-    15    free_completed SEG1+4MiB                Free slot 1
+    15    free_completed SEG1+4MiB                Free slot 2
     16    free_requested SEG2+512                 -
-    17    free_completed SEG2+512                 Free slot 2
+    17    free_completed SEG2+512                 Free slot 1
     18    segment_free SEG2 2 MiB                 -                       reserved -= 2 MiB
-    19    alloc SEG1+4MiB   2 MiB, stream 0       Alloc slot 2, 2097152, S0  (free list: last freed first)
+    19    alloc SEG1+4MiB   2 MiB, stream 0       Alloc slot 1, 2097152, S0
     20    annotate SEG1 (an action this reader does not know: ignored)
     21    free_completed SEG1                     Free slot 3
 
-    11 events, slots = 4, streams = [0, SIDE_STREAM], problems = [line 6].
+    13 events (1 reconstructed: 6 MiB), slots = 4, streams = [0, SIDE_STREAM], no problems.
+    Peak live: 6 + 4 + 8 MiB = 18 MiB after line 3.
     Reserved: device 0's segments at dump time are SEG0 (20 MiB) and SEG1 (20 MiB) = 40 MiB; the
     segment events sum to +20 MiB, so the trace starts at 20 MiB. Recorded points (event = ops
     emitted before the point; a later point at the same event replaces an earlier one):
         start          {event 0, 20971520}
-        line 1  (+20M) {event 0, 41943040}  replaces the start point
-        line 7  (+2M)  {event 3, 44040192}
-        line 18 (-2M)  {event 9, 41943040}
-    => recorded = [(0, 41943040), (3, 44040192), (9, 41943040)]
+        line 1  (+20M) {event 1, 41943040}
+        line 7  (+2M)  {event 5, 44040192}
+        line 18 (-2M)  {event 11, 41943040}
+    => recorded = [(0, 20971520), (1, 41943040), (5, 44040192), (11, 41943040)], peak 42 MiB.
+    Settings: allocator_settings, expandable_segments False: modelled by `native`.
 
 Device 1 (expandable segments: segment_map / segment_unmap):
 
@@ -76,6 +79,75 @@ Device 1 (expandable segments: segment_map / segment_unmap):
     => recorded = [(0, 2097152), (2, 2097152)]
 
 Device 2 does not exist: the snapshot has traces for 2 devices.
+
+The other fixtures (each tests/data/snapshot_<name>.pickle; tests/snapshot_fixtures.rs checks every
+figure below, and the replay's peak live and recorded peak reserved):
+
+preexisting (native; memory live before recording both ways)
+    Segments at dump: A 20 MiB [A 8 MiB allocated, A+8M 4 MiB inactive, A+12M 8 MiB inactive];
+    B 2 MiB small [B 512 B allocated (requested 400), rest inactive]; C 20 MiB [C 6 MiB allocated,
+    rest inactive].
+    1 segment_alloc C 20M; 2 alloc C 6M; 3 alloc C+6M 2M; 4 free_requested A+8M 4M;
+    5 free_completed A+8M 4M; 6 free_requested C+6M; 7 free_completed C+6M; 8 snapshot.
+    Reconstructed: A (8 MiB) and B (400 B) from the segments, A+8M (4 MiB) from its free: 3 blocks,
+    12 MiB + 400 B. Live: 12M+400 -> +6M -> +2M = 20 MiB + 400 B (peak, after line 3) -> 16M+400
+    -> 14M+400. Reserved: 42 MiB at dump, +20 MiB of segment events: starts at 22 MiB, 42 MiB
+    after line 1 (peak 42 MiB). recorded = [(0, 22 MiB), (3, 42 MiB)]. 3 + 4 = 7 events.
+
+wrapped (native; the ring buffer wrapped: the trace starts mid-run)
+    Segments at dump: D 20 MiB [D 10 MiB allocated, D+10M 10 MiB inactive]; E 20 MiB [inactive].
+    1 free_completed D+10M 10M (its free_requested was dropped); 2 free_requested E 5M;
+    3 free_completed E 5M; 4 free_completed F 2M; 5 segment_free F 20M (F's segment_alloc was
+    dropped); 6 alloc E 3M; 7 free_requested E; 8 free_completed E; 9 alloc D+10M 1M;
+    10 free_requested D+10M; 11 free_completed D+10M.
+    Reconstructed: D (segments), D+10M, E, F (frees): 4 blocks, 27 MiB (F lies in a segment the
+    trace frees, so it was reserved at the start). Live: 27 MiB at the start (the peak) -> 17 -> 12
+    -> 10 -> 13 -> 10 -> 11 -> 10. Reserved: 40 MiB at dump, -20 MiB of segment events: 60 MiB at
+    the start (the peak), 40 MiB after line 5. recorded = [(0, 60 MiB), (7, 40 MiB)]. 11 events.
+
+expandable (two devices; allocator_settings with expandable_segments True; every action)
+    Device 0, segment at dump: X 4 MiB expandable [X 1 MiB allocated, X+1M 3 MiB inactive].
+    1 segment_map X 2M; 2 alloc X 1M; 3 segment_map X+2M 2M; 4 alloc X+1M 3M;
+    5 oom 8 MiB asked, device_free 1 MiB; 6 free_requested X+1M; 7 free_completed X+1M; 8 snapshot;
+    9 segment_unmap X+2M 2M; 10 segment_map X+2M 2M; 11 annotate (ignored).
+    3 events, no reconstruction. Live: 1 -> 4 MiB (peak) -> 1. Reserved: 4 MiB at dump, +4 MiB of
+    segment events: 0 at the start, 2, 4 (peak), 2, 4. Points: line 1 replaces the start at event 0,
+    line 3 at event 1, lines 9 and 10 both at event 3 (the later stays):
+    recorded = [(0, 2 MiB), (1, 4 MiB), (3, 4 MiB)]. Recorded OOM: entry 5, 8 MiB asked for, 1 MiB
+    free. Modelled by `expandable`.
+    Device 1: Y 2 MiB small [Y 512 B allocated, rest inactive]; 1 alloc Y+512 1024 B;
+    2 free_requested; 3 free_completed. Reconstructed 1 block (512 B); peak live 1536 B;
+    reserved 2 MiB throughout (no segment events): recorded = [(0, 2 MiB)].
+
+bad (native; bad input, each named, counted and skipped)
+    Segments at dump: S 20 MiB [S 4 MiB allocated, S+4M 16 MiB inactive]; T 2 MiB [T 512 B
+    allocated, rest inactive].
+    1 segment_alloc T 2M; 2 alloc S+4M 2M; 3 alloc S+5M 1M (overlaps S+4M: dropped);
+    4 free_completed S+5M (its alloc was dropped); 5 free_requested S+4M; 6 free_completed S+4M;
+    7 free_completed S+4M (a double free); 8 free_completed Z 1M (no segment held Z);
+    9 alloc S+8M 0 B.
+    Problems: line 0 (the block at T is allocated at dump, but T was allocated during the trace and
+    the trace never allocates the block), lines 3, 4, 7, 8, 9. Reconstructed: S (4 MiB). Events:
+    3. Live: 4 -> 6 MiB (peak) -> 4. Reserved: 22 MiB at dump, +2 MiB: 20 MiB at the start, 22
+    after line 1 (peak). recorded = [(0, 20 MiB), (1, 22 MiB)].
+
+retry (native; the recorded run at its device's limit: a cudaMalloc failed, the cache was
+released and the allocation retried)
+    Segments at dump: R1 20 MiB [R1 15 MiB allocated, rest inactive]; R2 30 MiB [allocated].
+    1 segment_alloc R0 20M; 2 alloc R0 10M; 3 free_requested R0; 4 free_completed R0;
+    5 segment_alloc R1 20M; 6 alloc R1 15M; 7 segment_free R0 20M; 8 segment_alloc R2 30M;
+    9 alloc R2 30M.
+    4 events, nothing reconstructed. Live: 10 -> 0 -> 15 -> 45 MiB (peak). Reserved: 50 MiB at dump,
+    +50 MiB of segment events: 0 at the start, 20, 40, 20, 50 (peak). recorded = [(0, 20 MiB),
+    (2, 40 MiB), (3, 50 MiB)] (line 7's 20 MiB is replaced by line 8's 50 MiB at event 3). One retry: at line 7, 40 MiB reserved, then a 30 MiB segment, so the
+    device held less than 70 MiB (and at least the 50 MiB peak).
+
+oldformat (as PyTorch 1.13/2.0 wrote: no allocator_settings, blocks without 'address' or
+'requested_size', entries without 'frames' or 'stream', addresses beyond 2^63)
+    Segment at dump: G 2 MiB [1024 B allocated, rest inactive] (G = 0xffff800000000000).
+    1 alloc G+1024 512 B; 2 free_completed G+1024 (no size).
+    Reconstructed: G (1024 B, its size: no requested_size). Peak live 1536 B. Reserved 2 MiB
+    throughout: recorded = [(0, 2 MiB)]. Settings inferred: expandable_segments False.
 """
 
 import os
@@ -246,14 +318,215 @@ def snapshot():
     }
 
 
+SETTINGS_NATIVE = {
+    "PYTORCH_CUDA_ALLOC_CONF": "",
+    "max_split_size": -1,
+    "garbage_collection_threshold": 0.0,
+    "expandable_segments": False,
+    "pinned_num_register_threads": 1,
+    "release_lock_on_cudamalloc": False,
+    "pinned_use_cuda_host_register": False,
+    "roundup_power2_divisions": {"1": 0, "2": 0, "4": 0},
+}
+
+
+def trace_of(rows, base=0):
+    """Entries from (action, addr, size[, stream]) rows; 'oom' rows carry device_free as addr."""
+    out = []
+    for i, row in enumerate(rows):
+        action, addr, size = row[:3]
+        stream = row[3] if len(row) > 3 else 0
+        key = "device_free" if action == "oom" else "addr"
+        out.append(entry(base + i, action, addr, size, stream, FRAMES_TRAIN, key))
+    return out
+
+
+def preexisting():
+    a, b, c = 0x7F5000000000, 0x7F5002000000, 0x7F5004000000
+    segments = [
+        segment(0, a, 20 * MIB, 0, "large", False, [
+            block(a, 8 * MIB, 8 * MIB, "active_allocated", FRAMES_TRAIN),
+            block(a + 8 * MIB, 4 * MIB, 0, "inactive", []),
+            block(a + 12 * MIB, 8 * MIB, 0, "inactive", []),
+        ]),
+        segment(0, b, 2 * MIB, 0, "small", False, [
+            block(b, 512, 400, "active_allocated", FRAMES_LOADER),
+            block(b + 512, 2 * MIB - 512, 0, "inactive", []),
+        ]),
+        segment(0, c, 20 * MIB, 0, "large", False, [
+            block(c, 6 * MIB, 6 * MIB, "active_allocated", FRAMES_TRAIN),
+            block(c + 6 * MIB, 14 * MIB, 0, "inactive", []),
+        ]),
+    ]
+    rows = [
+        ("segment_alloc", c, 20 * MIB),
+        ("alloc", c, 6 * MIB),
+        ("alloc", c + 6 * MIB, 2 * MIB),
+        ("free_requested", a + 8 * MIB, 4 * MIB),
+        ("free_completed", a + 8 * MIB, 4 * MIB),
+        ("free_requested", c + 6 * MIB, 2 * MIB),
+        ("free_completed", c + 6 * MIB, 2 * MIB),
+        ("snapshot", 0, 0),
+    ]
+    return {"segments": segments, "device_traces": [trace_of(rows)],
+            "allocator_settings": SETTINGS_NATIVE}
+
+
+def wrapped():
+    d, e, f = 0x7F6000000000, 0x7F6002000000, 0x7F6004000000
+    segments = [
+        segment(0, d, 20 * MIB, 0, "large", False, [
+            block(d, 10 * MIB, 10 * MIB, "active_allocated", FRAMES_TRAIN),
+            block(d + 10 * MIB, 10 * MIB, 0, "inactive", []),
+        ]),
+        segment(0, e, 20 * MIB, 0, "large", False, [block(e, 20 * MIB, 0, "inactive", [])]),
+    ]
+    rows = [
+        ("free_completed", d + 10 * MIB, 10 * MIB),
+        ("free_requested", e, 5 * MIB),
+        ("free_completed", e, 5 * MIB),
+        ("free_completed", f, 2 * MIB),
+        ("segment_free", f, 20 * MIB),
+        ("alloc", e, 3 * MIB),
+        ("free_requested", e, 3 * MIB),
+        ("free_completed", e, 3 * MIB),
+        ("alloc", d + 10 * MIB, 1 * MIB),
+        ("free_requested", d + 10 * MIB, 1 * MIB),
+        ("free_completed", d + 10 * MIB, 1 * MIB),
+    ]
+    return {"segments": segments, "device_traces": [trace_of(rows)],
+            "allocator_settings": SETTINGS_NATIVE}
+
+
+def expandable():
+    x, y = 0x7F7000000000, 0x7F8000000000
+    segments = [
+        segment(0, x, 4 * MIB, 0, "large", True, [
+            block(x, 1 * MIB, 1 * MIB, "active_allocated", FRAMES_TRAIN),
+            block(x + 1 * MIB, 3 * MIB, 0, "inactive", []),
+        ]),
+        segment(1, y, 2 * MIB, 0, "small", True, [
+            block(y, 512, 512, "active_allocated", FRAMES_TRAIN),
+            block(y + 512, 2 * MIB - 512, 0, "inactive", []),
+        ]),
+    ]
+    dev0 = [
+        ("segment_map", x, 2 * MIB),
+        ("alloc", x, 1 * MIB),
+        ("segment_map", x + 2 * MIB, 2 * MIB),
+        ("alloc", x + 1 * MIB, 3 * MIB),
+        ("oom", 1 * MIB, 8 * MIB),
+        ("free_requested", x + 1 * MIB, 3 * MIB),
+        ("free_completed", x + 1 * MIB, 3 * MIB),
+        ("snapshot", 0, 0),
+        ("segment_unmap", x + 2 * MIB, 2 * MIB),
+        ("segment_map", x + 2 * MIB, 2 * MIB),
+        ("annotate", x, 0),
+    ]
+    dev1 = [
+        ("alloc", y + 512, 1024),
+        ("free_requested", y + 512, 1024),
+        ("free_completed", y + 512, 1024),
+    ]
+    settings = dict(SETTINGS_NATIVE, expandable_segments=True,
+                    PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True")
+    return {"segments": segments, "device_traces": [trace_of(dev0), trace_of(dev1, 100)],
+            "allocator_settings": settings}
+
+
+def bad():
+    s, t, z = 0x7F9000000000, 0x7F9002000000, 0x7F9100000000
+    segments = [
+        segment(0, s, 20 * MIB, 0, "large", False, [
+            block(s, 4 * MIB, 4 * MIB, "active_allocated", FRAMES_TRAIN),
+            block(s + 4 * MIB, 16 * MIB, 0, "inactive", []),
+        ]),
+        segment(0, t, 2 * MIB, 0, "small", False, [
+            block(t, 512, 512, "active_allocated", FRAMES_TRAIN),
+            block(t + 512, 2 * MIB - 512, 0, "inactive", []),
+        ]),
+    ]
+    rows = [
+        ("segment_alloc", t, 2 * MIB),
+        ("alloc", s + 4 * MIB, 2 * MIB),
+        ("alloc", s + 5 * MIB, 1 * MIB),
+        ("free_completed", s + 5 * MIB, 1 * MIB),
+        ("free_requested", s + 4 * MIB, 2 * MIB),
+        ("free_completed", s + 4 * MIB, 2 * MIB),
+        ("free_completed", s + 4 * MIB, 2 * MIB),
+        ("free_completed", z, 1 * MIB),
+        ("alloc", s + 8 * MIB, 0),
+    ]
+    return {"segments": segments, "device_traces": [trace_of(rows)],
+            "allocator_settings": SETTINGS_NATIVE}
+
+
+def retry():
+    r0, r1, r2 = 0x7FA000000000, 0x7FA002000000, 0x7FA004000000
+    segments = [
+        segment(0, r1, 20 * MIB, 0, "large", False, [
+            block(r1, 15 * MIB, 15 * MIB, "active_allocated", FRAMES_TRAIN),
+            block(r1 + 15 * MIB, 5 * MIB, 0, "inactive", []),
+        ]),
+        segment(0, r2, 30 * MIB, 0, "large", False, [
+            block(r2, 30 * MIB, 30 * MIB, "active_allocated", FRAMES_TRAIN),
+        ]),
+    ]
+    rows = [
+        ("segment_alloc", r0, 20 * MIB),
+        ("alloc", r0, 10 * MIB),
+        ("free_requested", r0, 10 * MIB),
+        ("free_completed", r0, 10 * MIB),
+        ("segment_alloc", r1, 20 * MIB),
+        ("alloc", r1, 15 * MIB),
+        ("segment_free", r0, 20 * MIB),
+        ("segment_alloc", r2, 30 * MIB),
+        ("alloc", r2, 30 * MIB),
+    ]
+    return {"segments": segments, "device_traces": [trace_of(rows)],
+            "allocator_settings": SETTINGS_NATIVE}
+
+
+def oldformat():
+    g = 0xFFFF800000000000
+    segments = [{
+        "device": 0,
+        "address": g,
+        "total_size": 2 * MIB,
+        "allocated_size": 1024,
+        "active_size": 1024,
+        "stream": 0,
+        "segment_type": "small",
+        "blocks": [
+            {"size": 1024, "state": "active_allocated", "history": []},
+            {"size": 2 * MIB - 1024, "state": "inactive"},
+        ],
+    }]
+    trace = [
+        {"action": "alloc", "addr": g + 1024, "size": 512},
+        {"action": "free_completed", "addr": g + 1024},
+    ]
+    return {"segments": segments, "device_traces": [trace]}
+
+
 def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "tests", "data", "snapshot_small.pickle")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    data = pickle.dumps(snapshot(), protocol=4)
-    with open(path, "wb") as f:
-        f.write(data)
-    print(f"wrote {path} ({len(data)} bytes)")
+    fixtures = {
+        "small": snapshot(),
+        "preexisting": preexisting(),
+        "wrapped": wrapped(),
+        "expandable": expandable(),
+        "bad": bad(),
+        "retry": retry(),
+        "oldformat": oldformat(),
+    }
+    for name, snap in fixtures.items():
+        path = os.path.join(root, "tests", "data", f"snapshot_{name}.pickle")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        data = pickle.dumps(snap, protocol=4)
+        with open(path, "wb") as f:
+            f.write(data)
+        print(f"wrote {path} ({len(data)} bytes)")
 
 
 if __name__ == "__main__":

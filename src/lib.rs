@@ -24,12 +24,15 @@ pub mod error;
 pub mod global;
 mod hooks;
 mod pages;
+// Pickle reading and writing that keeps the memo's sharing (PyTorch memory snapshots).
+pub mod pickle;
 mod pool;
 // The replay is single-threaded tooling over the simulated device, outside loom's models.
 #[cfg(not(loom))]
 pub mod replay;
 pub mod stats;
 pub(crate) mod sync;
+pub mod torch_snapshot;
 mod trace_log;
 
 pub(crate) use allocator::AddressMap;

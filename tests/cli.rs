@@ -280,17 +280,29 @@ fn a_pytorch_snapshot_gets_a_recorded_row() {
     let policies: Vec<&str> = rows.iter().map(|r| r["policy"].as_str().unwrap()).collect();
     assert_eq!(policies, ["native", "tessera", "recorded"]);
     // The fixture's segments (scripts/make_snapshot_fixture.py): 42 MiB reserved at the peak;
-    // native needs 24 MiB for the same 12 MiB live, 42.9 % less.
+    // native needs 24 MiB for the same 18 MiB live (6 MiB of it live before recording began),
+    // 42.9 % less.
     assert_eq!(rows[2]["peak_reserved_bytes"], 42 * MIB);
-    assert_eq!(rows[2]["peak_live_bytes"], 12 * MIB);
+    assert_eq!(rows[2]["peak_live_bytes"], 18 * MIB);
     assert_eq!(rows[0]["peak_reserved_bytes"], 24 * MIB);
     assert_eq!(rows[0]["vs_recorded_pct"], -42.9);
-    // The free of an address allocated before recording began is reported with its place.
-    assert!(
-        stderr(&o).contains("snapshot_small.pickle:"),
-        "{}",
-        stderr(&o)
+    assert_eq!(rows[0]["reconstructed_blocks"], 1);
+    assert_eq!(rows[0]["reconstructed_bytes"], 6 * MIB);
+    assert_eq!(rows[0]["models_recorded"], "native");
+    assert_eq!(
+        rows[2]["recorded_config"],
+        "expandable_segments:False (allocator_settings)"
     );
+    // The recorded OOM: entry 10, 64 MiB asked for, 123 MiB free.
+    assert_eq!(rows[2]["ooms"], 1);
+    assert_eq!(rows[2]["first_oom"]["line"], 10);
+    assert_eq!(rows[2]["first_oom"]["size_bytes"], 64 * MIB);
+    assert_eq!(rows[2]["first_oom"]["device_free_bytes"], 123 * MIB);
+    assert_eq!(
+        rows[2]["headline"],
+        "OOM at event 10: 64.00 MiB, train.py:42 in step"
+    );
+    assert_eq!(rows[0]["headline"], "fits");
 
     let table = stdout(&tessera(&["replay", fixture]));
     assert!(

@@ -42,7 +42,10 @@ use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
 use tessera::config::{Backend, Config, KEYS};
 use tessera::error::Error;
+use tessera::replay::engine::replay;
+use tessera::replay::export::snapshot_of;
 use tessera::replay::trace::{load, parse_csv, parse_snapshot, Op, Trace, TraceError};
+use tessera::replay::{Policy, ReplayOptions};
 
 // ------------------------------------------------------------------------------------------------
 // Running properties and counting their cases.
@@ -481,13 +484,28 @@ fn check_trace(t: &Trace, lines: u64) -> Result<(), TestCaseError> {
     let mut live = vec![false; t.slots as usize];
     let (mut now, mut most) = (0u32, 0u32);
     let mut last_line = 0;
+    let reconstructed = t.reconstructed.blocks as usize;
+    prop_assert!(reconstructed <= t.events.len());
+    prop_assert!(t.event_frames.is_empty() || t.event_frames.len() == t.events.len());
+    for f in t
+        .event_frames
+        .iter()
+        .chain(t.recorded_ooms.iter().map(|o| &o.frames))
+    {
+        prop_assert!(f.is_none_or(|f| (f as usize) < t.tracebacks.len()));
+    }
     for (i, e) in t.events.iter().enumerate() {
-        prop_assert!(
-            e.line > last_line && e.line <= lines.max(1),
-            "event {i}: line {} after {last_line}, of {lines}",
-            e.line
-        );
-        last_line = e.line;
+        if i < reconstructed {
+            // The memory live before the first entry: allocations with line 0.
+            prop_assert!(e.line == 0 && matches!(e.op, Op::Alloc { .. }), "event {i}");
+        } else {
+            prop_assert!(
+                e.line > last_line && e.line <= lines.max(1),
+                "event {i}: line {} after {last_line}, of {lines}",
+                e.line
+            );
+            last_line = e.line;
+        }
         match e.op {
             Op::Alloc { slot, size, stream } => {
                 prop_assert!(size >= 1, "event {i}: size 0");
@@ -526,7 +544,9 @@ fn check_trace(t: &Trace, lines: u64) -> Result<(), TestCaseError> {
     prop_assert_eq!(distinct.len(), t.streams.len(), "a stream listed twice");
     let mut last_problem = 0;
     for p in &t.problems {
-        prop_assert!(p.line >= last_problem && p.line >= 1 && p.line <= lines);
+        // Line 0: a snapshot's state before the first entry.
+        let first = if t.device.is_some() { 0 } else { 1 };
+        prop_assert!(p.line >= last_problem && p.line >= first && p.line <= lines);
         prop_assert!(!p.message.is_empty());
         last_problem = p.line;
     }
@@ -888,13 +908,38 @@ fn gzip_garbage_and_multi_member_gzip() {
     });
 }
 
-/// The bytes of `tests/data/snapshot_small.pickle`.
-fn snapshot_bytes() -> &'static [u8] {
-    static BYTES: OnceLock<Vec<u8>> = OnceLock::new();
-    BYTES.get_or_init(|| {
-        let b = std::fs::read(repo_path("tests/data/snapshot_small.pickle")).unwrap();
-        assert!(parse_snapshot("snap", &b, 0).is_ok());
-        b
+/// Every snapshot fixture (`scripts/make_snapshot_fixture.py`: every action, memory live before
+/// recording, a wrapped ring buffer, two devices, bad input, an old format), then exports of two
+/// of them (`tessera replay --export`: what the export reader reads back).
+fn snapshot_corpus() -> &'static [Vec<u8>] {
+    static CORPUS: OnceLock<Vec<Vec<u8>>> = OnceLock::new();
+    CORPUS.get_or_init(|| {
+        let mut corpus = Vec::new();
+        for name in [
+            "small",
+            "preexisting",
+            "wrapped",
+            "expandable",
+            "bad",
+            "retry",
+            "oldformat",
+        ] {
+            let path = format!("tests/data/snapshot_{name}.pickle");
+            let b = std::fs::read(repo_path(&path)).unwrap();
+            assert!(parse_snapshot("snap", &b, 0).is_ok(), "{path}");
+            corpus.push(b);
+        }
+        for (i, policy) in [(3, Policy::Expandable), (2, Policy::Tessera)] {
+            let t = parse_snapshot("snap", &corpus[i], 0).unwrap();
+            let opts = ReplayOptions {
+                record: true,
+                capacity: 24 << 20,
+                ..ReplayOptions::default()
+            };
+            let o = replay(&t, policy, &opts, &mut |_| {}).unwrap();
+            corpus.push(snapshot_of(&t, &o, opts.capacity).unwrap().to_pickle());
+        }
+        corpus
     })
 }
 
@@ -918,7 +963,25 @@ fn byte_edit() -> impl Strategy<Value = ByteEdit> {
 
 fn check_snapshot(bytes: &[u8], device: usize) -> Result<(), TestCaseError> {
     match parse_snapshot("snap.pickle", bytes, device) {
-        Ok(t) => check_trace(&t, u64::MAX),
+        Ok(t) => {
+            check_trace(&t, u64::MAX)?;
+            // What was read replays, exports, and the export reads back to the same live bytes.
+            let opts = ReplayOptions {
+                record: true,
+                capacity: 64 << 20,
+                ..ReplayOptions::default()
+            };
+            let o = replay(&t, Policy::Native, &opts, &mut |_| {})
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let export = snapshot_of(&t, &o, opts.capacity).unwrap().to_pickle();
+            let back = parse_snapshot("export", &export, t.device.unwrap())
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(
+                tessera::replay::engine::trace_peak_live(&back),
+                o.peak_live_bytes
+            );
+            Ok(())
+        }
         Err(TraceError::Snapshot { path, message }) => {
             prop_assert_eq!(path, "snap.pickle");
             prop_assert!(!message.is_empty());
@@ -930,14 +993,18 @@ fn check_snapshot(bytes: &[u8], device: usize) -> Result<(), TestCaseError> {
 
 #[test]
 fn snapshot_damaged_pickles_parse_or_fail_cleanly() {
-    let base = snapshot_bytes();
-    let strategy = (proptest::collection::vec(byte_edit(), 1..6), 0usize..3);
+    let corpus = snapshot_corpus();
+    let strategy = (
+        proptest::collection::vec(byte_edit(), 1..6),
+        0usize..3,
+        0..corpus.len(),
+    );
     fuzz(
         "snapshot damaged pickles",
-        400,
+        600,
         strategy,
-        |(edits, device)| {
-            let mut b = base.to_vec();
+        |(edits, device, which)| {
+            let mut b = corpus[which].clone();
             for e in &edits {
                 if b.is_empty() {
                     break;

@@ -20,14 +20,7 @@ fn parse(csv: &str) -> Trace {
 }
 
 fn opts(capacity: u64) -> ReplayOptions {
-    ReplayOptions {
-        capacity,
-        config: Config {
-            check_invariants: true,
-            ..Config::default()
-        },
-        ..ReplayOptions::default()
-    }
+    common::replay_opts(capacity)
 }
 
 /// 100 blocks of 2 MiB, then all but every tenth freed (each 20 MiB stretch keeps its first

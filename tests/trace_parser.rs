@@ -525,34 +525,63 @@ fn snapshot_fixture_device_0() {
     assert_eq!(
         t.events,
         vec![
-            alloc(2, 0, 4 * MIB, 0),
-            alloc(3, 1, 8 * MIB, 0),
-            free(5, 0),
+            // SEG0's 6 MiB block, freed at entry 6 without an alloc: live before recording.
+            alloc(0, 0, 6 * MIB, 0),
+            alloc(2, 1, 4 * MIB, 0),
+            alloc(3, 2, 8 * MIB, 0),
+            free(5, 1),
+            free(6, 0),
             alloc(8, 0, 512, 1),
-            alloc(9, 2, 1024, 1),
+            alloc(9, 1, 1024, 1),
             alloc(12, 3, MIB, 0),
             free(14, 0),
-            free(15, 1),
-            free(17, 2),
-            alloc(19, 2, 2 * MIB, 0),
+            free(15, 2),
+            free(17, 1),
+            alloc(19, 1, 2 * MIB, 0),
             free(21, 3),
         ]
     );
     assert_eq!(t.slots, 4);
     assert_eq!(t.streams, vec![0, SIDE_STREAM]);
-    assert_eq!(
-        t.problems,
-        vec![problem(
-            6,
-            "free_completed of address 0x7f39fe000000, which is not live (allocated before \
-             recording started?)"
-        )]
-    );
+    assert_eq!(t.problems, vec![]);
+    assert_eq!(t.reconstructed.blocks, 1);
+    assert_eq!(t.reconstructed.from_frees, 1);
+    assert_eq!(t.reconstructed.bytes, 6 * MIB);
     assert_eq!(
         t.recorded,
-        vec![point(0, 40 * MIB), point(3, 42 * MIB), point(9, 40 * MIB)]
+        vec![
+            point(0, 20 * MIB),
+            point(1, 40 * MIB),
+            point(5, 42 * MIB),
+            point(11, 40 * MIB)
+        ]
     );
     assert_eq!(t.meta, None);
+    assert_eq!(t.device, Some(0));
+    // The oom entry: where the recorded run failed, with its frames.
+    assert_eq!(t.recorded_ooms.len(), 1);
+    let oom = &t.recorded_ooms[0];
+    assert_eq!(
+        (oom.line, oom.event, oom.size, oom.device_free),
+        (10, 7, 64 * MIB, Some(123 * MIB))
+    );
+    let top: Vec<String> = t
+        .top_frames(oom.frames, 3)
+        .iter()
+        .map(|f| f.to_string())
+        .collect();
+    assert_eq!(top, ["train.py:42 in step", "train.py:88 in <module>"]);
+    // Frames of every event: the loader's for the side stream's allocations.
+    assert_eq!(t.event_frames.len(), t.events.len());
+    assert_eq!(t.frames_of(5)[0].name, "__next__");
+    assert_eq!(t.frames_of(0), &[], "entry 6 has no frames");
+    let settings = t.settings.as_ref().unwrap();
+    assert!(!settings.expandable_segments);
+    assert_eq!(settings.policy(), tessera::replay::Policy::Native);
+    assert_eq!(
+        settings.describe(),
+        "expandable_segments:False (allocator_settings)"
+    );
 }
 
 #[test]
@@ -594,7 +623,7 @@ fn snapshot_gzipped_is_read_too() {
     let f = TempFile::with("snapshot.pickle.gz", &gzip(&bytes));
     let t = load(&f.0, 0).unwrap();
     assert_eq!(t.events, parse_snapshot("s", &bytes, 0).unwrap().events);
-    assert_eq!(t.problems.len(), 1);
+    assert_eq!(t.reconstructed.blocks, 1);
 }
 
 fn pickle<T: serde::Serialize>(value: &T) -> Vec<u8> {

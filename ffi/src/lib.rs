@@ -427,6 +427,52 @@ pub unsafe extern "C" fn tessera_snapshot_json(
     })
 }
 
+/// Writes the allocator's segments and blocks as a PyTorch memory snapshot: the pickle that
+/// `torch.cuda.memory._snapshot()` returns and `_dump_snapshot()` writes, which PyTorch's memory
+/// viewer opens (`device_traces` are empty: tessera records no history). `device` is a device
+/// index, or -1 for every device the allocator has used.
+///
+/// Returns the pickle's length in bytes; writes it to `buf` only when it fits (`len` at least that
+/// length), so that a caller asks with `len` 0 (and `buf` NULL), then again with a buffer of the
+/// length returned (and again should the allocator have changed in between). Returns 0 and an
+/// error on failure.
+///
+/// # Safety
+/// `buf` points to `len` writable bytes, or `len` is 0.
+#[no_mangle]
+pub unsafe extern "C" fn tessera_memory_snapshot_pickle(
+    device: c_int,
+    buf: *mut u8,
+    len: usize,
+) -> usize {
+    guard(0, || {
+        let t = allocator()?;
+        let devices: Vec<usize> = if device == -1 {
+            (0..t.device_count()).collect()
+        } else {
+            vec![device_index(t, device)?]
+        };
+        let mut snapshots = Vec::with_capacity(devices.len());
+        for d in devices {
+            snapshots.push(t.snapshot(d)?);
+        }
+        let pickle = tessera_core::torch_snapshot::snapshot_pickle(&snapshots);
+        if len > 0 {
+            if buf.is_null() {
+                return Err(FfiError::invalid_argument(
+                    "tessera_memory_snapshot_pickle: buf is NULL but len is not 0",
+                ));
+            }
+            if pickle.len() <= len {
+                // SAFETY: `buf` has `len >= pickle.len()` writable bytes (the caller's contract);
+                // `pickle` is ours, so they do not overlap.
+                unsafe { std::ptr::copy_nonoverlapping(pickle.as_ptr(), buf, pickle.len()) };
+            }
+        }
+        Ok(pickle.len())
+    })
+}
+
 /// Configures the allocator in the `TESSERA_CONF` syntax (e.g. `"backend:vmm,limit:8GiB"`),
 /// overriding `TESSERA_CONF`. Returns 0, or `TESSERA_ERROR_CONFIG` for a bad string or when the
 /// allocator was already made (configure before the first allocation).

@@ -12,6 +12,7 @@ import ctypes
 import enum
 import json
 import os
+import pickle
 import sys
 import threading
 import traceback
@@ -127,6 +128,7 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "tessera_add_oom_hook": (_int, [OOM_HOOK, _void_p]),
     "tessera_remove_oom_hook": (_int, [_int]),
     "tessera_snapshot_json": (_size_t, [_int, ctypes.c_char_p, _size_t]),
+    "tessera_memory_snapshot_pickle": (_size_t, [_int, ctypes.c_char_p, _size_t]),
     "tessera_configure": (_int, [ctypes.c_char_p]),
 }
 
@@ -356,6 +358,22 @@ class Library:
     def snapshot(self, device: int = 0) -> dict[str, Any]:
         """``device``'s snapshot, parsed."""
         return json.loads(self.snapshot_json(device))
+
+    def memory_snapshot_pickle(self, device: int = -1) -> bytes:
+        """The segments and blocks of ``device`` (-1: every device used) as the pickle PyTorch's
+        ``torch.cuda.memory._dump_snapshot()`` writes (no allocation history)."""
+        length = self._call_checked("tessera_memory_snapshot_pickle", device, None, 0)
+        while True:
+            buf = ctypes.create_string_buffer(length)
+            needed = self._call_checked("tessera_memory_snapshot_pickle", device, buf, length)
+            if needed <= length:  # it fitted (the state may change between the two calls)
+                return buf.raw[:needed]
+            length = needed
+
+    def memory_snapshot(self, device: int = -1) -> dict[str, Any]:
+        """:meth:`memory_snapshot_pickle`, unpickled: the dict ``torch.cuda.memory._snapshot()``
+        returns. Only plain types are in it, and it comes from tessera's own writer."""
+        return pickle.loads(self.memory_snapshot_pickle(device))
 
     def add_oom_hook(self, fn: Callable[[int, int], Optional[int]]) -> OomHook:
         """Registers ``fn(device, requested_bytes)`` to run when an allocation is about to fail;

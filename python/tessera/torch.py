@@ -9,9 +9,11 @@ Enable it at the top of the script, before anything initialises CUDA::
     x = torch.empty(1 << 30, device="cuda")
     print(torch.cuda.memory_allocated(), tt.stats(0)["stranded_bytes"])
 
-:func:`enable` swaps in ``torch.cuda.memory.CUDAPluggableAllocator`` over libtessera.so and makes
-``torch.cuda.memory_stats()`` and its relatives (which raise for a pluggable allocator) answer from
-tessera's statistics. CUDA graphs (``torch.cuda.graph``, ``make_graphed_callables``,
+:func:`enable` swaps in ``torch.cuda.memory.CUDAPluggableAllocator`` over libtessera.so. Two
+things raise for a pluggable allocator, and it makes them answer from tessera:
+``torch.cuda.memory_stats()`` and its relatives, from tessera's statistics; and
+``torch.cuda.memory._snapshot()`` (so ``_dump_snapshot()`` and ``torch.cuda.memory_snapshot()``),
+from tessera's segments and blocks in PyTorch's format, which PyTorch's memory viewer opens. CUDA graphs (``torch.cuda.graph``, ``make_graphed_callables``,
 ``torch.compile(mode="reduce-overhead")``) are not supported: their allocator hooks are left unset
 until they are verified on a GPU, and a capture raises RuntimeError instead of running.
 """
@@ -360,6 +362,21 @@ def memory_summary(device: Device = None, abbreviated: bool = False) -> str:
     return text.replace("PyTorch CUDA memory summary", "tessera CUDA memory summary", 1)
 
 
+def _snapshot(device: Device = None, augment_with_fx_traces: bool = False) -> dict[str, Any]:
+    """``torch.cuda.memory._snapshot`` from tessera: every device's segments and blocks in
+    PyTorch's snapshot format, which ``_dump_snapshot`` pickles and PyTorch's memory viewer opens.
+    ``device_traces`` are empty: tessera records no allocation history (use ``TESSERA_TRACE`` and
+    ``tessera replay --export`` for one). As in PyTorch, ``device`` is ignored."""
+    del device, augment_with_fx_traces
+    return _library().memory_snapshot(-1)
+
+
+def memory_snapshot(mempool_id: Any = None) -> list[dict[str, Any]]:
+    """``torch.cuda.memory_snapshot`` from tessera: the segments of :func:`_snapshot`."""
+    del mempool_id
+    return _snapshot()["segments"]
+
+
 _PATCHED = {
     fn.__name__: fn
     for fn in (
@@ -374,6 +391,8 @@ _PATCHED = {
         reset_max_memory_allocated,
         reset_max_memory_cached,
         memory_summary,
+        _snapshot,
+        memory_snapshot,
     )
 }
 

@@ -448,3 +448,38 @@ def test_hook_without_a_kept_handle_stays_alive(lib):
         assert calls == [3 * GiB]
     finally:
         lib.remove_oom_hook(hook_id)
+
+
+# The snapshot in PyTorch's format -------------------------------------------------------------
+
+
+def test_memory_snapshot_is_pytorchs_format_and_tiles_every_segment(lib):
+    p = lib.malloc(3 * MiB + 100, 0)
+    q = lib.malloc(700, 1)
+    try:
+        snap = lib.memory_snapshot()
+        assert set(snap) >= {"segments", "device_traces", "allocator_settings"}
+        assert len(snap["device_traces"]) == 2 and snap["device_traces"] == [[], []]
+        assert snap["allocator_settings"]["allocator"].startswith("tessera ")
+        blocks = {b["address"]: (seg, b) for seg in snap["segments"] for b in seg["blocks"]}
+        seg, b = blocks[p]
+        assert (seg["device"], b["state"], b["requested_size"]) == (0, "active_allocated", 3 * MiB + 100)
+        assert b["size"] >= 3 * MiB + 100 and seg["segment_type"] == "large"
+        seg, b = blocks[q]
+        assert (seg["device"], b["requested_size"], seg["segment_type"]) == (1, 700, "small")
+        for seg in snap["segments"]:
+            # As _memory_viz stats checks: the blocks tile the segment, in address order.
+            at = seg["address"]
+            for b in seg["blocks"]:
+                assert b["address"] == at and b["size"] > 0
+                at += b["size"]
+            assert at == seg["address"] + seg["total_size"]
+            allocated = sum(b["size"] for b in seg["blocks"] if b["state"] == "active_allocated")
+            assert seg["allocated_size"] == allocated
+        one = lib.memory_snapshot(1)
+        assert {s["device"] for s in one["segments"]} == {1}
+        with pytest.raises(tessera.TesseraError):
+            lib.memory_snapshot(7)
+    finally:
+        lib.free(p, 0)
+        lib.free(q, 1)

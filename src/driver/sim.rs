@@ -39,6 +39,7 @@
 
 mod config;
 mod host;
+mod log;
 mod tables;
 #[cfg(test)]
 mod tests;
@@ -56,9 +57,11 @@ use super::{
 };
 use crate::bytes::format_bytes;
 use crate::sync::{Mutex, MutexGuard};
-use tables::{align_up, default_fault, Extents, Faults, RangeSet};
+use tables::{align_up, default_fault, Extents, Faults};
 
 pub use config::{Backing, SimConfig, MAX_DEVICES};
+pub use log::{MemoryEvent, MemoryOp};
+pub(crate) use tables::RangeSet;
 
 /// The simulated driver. See the module documentation.
 pub struct SimDriver {
@@ -75,6 +78,8 @@ struct State {
     faults: Faults,
     /// The last handle or event id given out (ids start at 1).
     last_id: u64,
+    /// The memory log, while it is on (`log_memory`).
+    memory_log: Option<Vec<MemoryEvent>>,
 }
 
 #[derive(Clone, Copy)]
@@ -250,6 +255,18 @@ fn fail(call: Call, error: CudaError, device: usize, detail: impl Into<String>) 
     DriverError::new(call, error, Some(device)).with_detail(detail)
 }
 
+/// Appends to the memory log, when it is on.
+fn log(st: &mut State, device: usize, op: MemoryOp, va: DevicePtr, size: u64) {
+    if let Some(log) = &mut st.memory_log {
+        log.push(MemoryEvent {
+            device,
+            op,
+            va,
+            size,
+        });
+    }
+}
+
 fn device_mut(st: &mut State, call: Call, device: usize) -> DriverResult<&mut Device> {
     let count = st.devices.len();
     st.devices.get_mut(device).ok_or_else(|| {
@@ -275,6 +292,7 @@ impl SimDriver {
                 counters: [0; Call::ALL.len()],
                 faults: Faults::default(),
                 last_id: 0,
+                memory_log: None,
             }),
             config,
         }
@@ -461,6 +479,21 @@ impl SimDriver {
             .collect()
     }
 
+    /// Turns the memory log (see `log.rs`) on, emptied, or off.
+    pub fn log_memory(&self, on: bool) {
+        self.state.lock().memory_log = on.then(Vec::new);
+    }
+
+    /// The memory logged since the last call (empty when logging is off).
+    pub fn take_memory_log(&self) -> Vec<MemoryEvent> {
+        self.state
+            .lock()
+            .memory_log
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
     /// Sets every call counter back to 0.
     pub fn reset_counters(&self) {
         self.state.lock().counters = [0; Call::ALL.len()];
@@ -621,6 +654,7 @@ impl Driver for SimDriver {
         d.legacy.insert(ptr.0, Legacy { size, len: ptr.1 });
         d.legacy_bytes += size;
         d.note_peak();
+        log(&mut st, device, MemoryOp::Alloc, ptr.0, size);
         Ok(ptr.0)
     }
 
@@ -644,6 +678,7 @@ impl Driver for SimDriver {
         }
         d.legacy.remove(&ptr);
         d.legacy_bytes = d.legacy_bytes.saturating_sub(l.size);
+        log(&mut st, device, MemoryOp::Free, ptr, l.size);
         Ok(())
     }
 
@@ -824,6 +859,7 @@ impl Driver for SimDriver {
         if let Some(h) = d.handles.get_mut(&handle.0) {
             h.maps = h.maps.saturating_add(1);
         }
+        log(&mut st, device, MemoryOp::Map, va, size);
         Ok(())
     }
 
@@ -855,6 +891,7 @@ impl Driver for SimDriver {
                 d.collect(map.handle);
             }
         }
+        log(&mut st, device, MemoryOp::Unmap, va, size);
         Ok(())
     }
 

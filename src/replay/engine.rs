@@ -19,7 +19,7 @@
 //! None: a replay is single-threaded and owns its device.
 
 use crate::config::{Backend, Config};
-use crate::driver::sim::{Backing, SimConfig, SimDriver};
+use crate::driver::sim::{Backing, MemoryEvent, SimConfig, SimDriver};
 use crate::driver::{Call, DevicePtr, Driver, Stream};
 use crate::error::Error;
 use crate::replay::pytorch::{PytorchAllocator, Rules};
@@ -104,6 +104,9 @@ pub struct ReplayOptions {
     pub config: Config,
     /// Stop at the first OOM (used by the capacity bisection).
     pub stop_at_first_oom: bool,
+    /// Keep what an export needs: the address of every event, the driver's memory calls, the
+    /// segments at the end ([`Outcome::recording`]).
+    pub record: bool,
 }
 
 impl Default for ReplayOptions {
@@ -118,6 +121,7 @@ impl Default for ReplayOptions {
                 ..Config::default()
             },
             stop_at_first_oom: false,
+            record: false,
         }
     }
 }
@@ -149,6 +153,8 @@ pub struct Outcome {
     pub ooms: u64,
     /// Indices of the events whose allocation failed with an OOM.
     pub oom_events: Vec<usize>,
+    /// The first allocation that failed: where a real run would have stopped.
+    pub first_oom: Option<FirstOom>,
     /// Pages remapped into new places (tessera); 0 for the other policies.
     pub remaps: u64,
     /// Driver calls made during the replay, by kind (kinds never called left out).
@@ -158,6 +164,38 @@ pub struct Outcome {
     /// The time series, one sample per window of events, the last closing at the last event
     /// replayed: at most [`ReplayOptions::samples`] points, none when that is 0.
     pub samples: Vec<Sample>,
+    /// With [`ReplayOptions::record`]: where everything went.
+    pub recording: Option<Recording>,
+}
+
+/// Where a replay put everything: what an export writes.
+#[derive(Clone, Debug, Default)]
+pub struct Recording {
+    /// Per event, the address it allocated or freed; 0 for an allocation that failed and its
+    /// free.
+    pub addrs: Vec<DevicePtr>,
+    /// The driver's memory calls, each with the index of the event during which it was made.
+    pub memory: Vec<(usize, MemoryEvent)>,
+    /// The policy's segments and blocks at the end.
+    pub segments: Vec<crate::torch_snapshot::Segment>,
+}
+
+/// The first allocation of a replay that failed with an OOM, and the device at that moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FirstOom {
+    /// Its index in [`Trace::events`].
+    pub event: usize,
+    /// Its line ([`crate::replay::trace::Event::line`]: the snapshot entry, 0 for memory live
+    /// before the first entry).
+    pub line: u64,
+    /// The bytes asked for.
+    pub size: u64,
+    /// The stream's index in [`Trace::streams`].
+    pub stream: u32,
+    /// Bytes live (requested sizes) when it was asked for.
+    pub live_bytes: u64,
+    /// Bytes the device held when the allocator gave up (after its OOM sequence).
+    pub reserved_bytes: u64,
 }
 
 impl Outcome {
@@ -281,6 +319,17 @@ impl Runner {
         }
     }
 
+    /// Every segment and block, in PyTorch's snapshot format.
+    fn segments(&self) -> Vec<crate::torch_snapshot::Segment> {
+        match self {
+            Runner::Tessera(t) => t
+                .snapshot(0)
+                .map(|s| crate::torch_snapshot::segments_of(&s))
+                .unwrap_or_default(),
+            Runner::Pytorch(p) => p.segments(),
+        }
+    }
+
     fn remaps(&self) -> u64 {
         match self {
             Runner::Tessera(t) => t.stats(0).map(|s| s.remaps).unwrap_or(0),
@@ -317,6 +366,12 @@ pub fn replay(
     let streams: Vec<Stream> = trace.streams.iter().map(|&s| Stream(s)).collect();
     let mut ptrs: Vec<DevicePtr> = vec![0; trace.slots as usize];
     let mut sizes: Vec<u64> = vec![0; trace.slots as usize];
+    // With `record`: the pointer each slot's last free gave back.
+    let mut freed: Vec<DevicePtr> = if opts.record {
+        vec![0; trace.slots as usize]
+    } else {
+        Vec::new()
+    };
     let stride = match opts.samples {
         0 => usize::MAX,
         n => trace.events.len().div_ceil(n).max(1),
@@ -328,11 +383,15 @@ pub fn replay(
         peak_reserved_bytes: 0,
         ooms: 0,
         oom_events: Vec::new(),
+        first_oom: None,
         remaps: 0,
         driver_calls: Vec::new(),
         seconds: 0.0,
         samples: Vec::new(),
+        recording: None,
     };
+    let mut recording = opts.record.then(Recording::default);
+    drv.log_memory(opts.record);
     drv.reset_counters();
     drv.reset_peak_bytes_in_use(0);
     let (mut live, mut window_live) = (0u64, 0u64);
@@ -367,6 +426,16 @@ pub fn replay(
                         ptrs[slot as usize] = 0;
                         out.ooms += 1;
                         out.oom_events.push(i);
+                        if out.first_oom.is_none() {
+                            out.first_oom = Some(FirstOom {
+                                event: i,
+                                line: ev.line,
+                                size,
+                                stream,
+                                live_bytes: live,
+                                reserved_bytes: drv.bytes_in_use(0),
+                            });
+                        }
                         if opts.stop_at_first_oom {
                             out.events = i as u64 + 1;
                             break;
@@ -383,6 +452,9 @@ pub fn replay(
             }
             Op::Free { slot } => {
                 let ptr = std::mem::take(&mut ptrs[slot as usize]);
+                if opts.record {
+                    freed[slot as usize] = ptr;
+                }
                 if ptr != 0 {
                     let size = sizes[slot as usize];
                     if opts.verify {
@@ -404,6 +476,14 @@ pub fn replay(
                     live -= size;
                 }
             }
+        }
+        if let Some(r) = &mut recording {
+            r.addrs.push(match ev.op {
+                Op::Alloc { slot, .. } => ptrs[slot as usize],
+                Op::Free { slot } => freed[slot as usize],
+            });
+            r.memory
+                .extend(drv.take_memory_log().into_iter().map(|m| (i, m)));
         }
         if (i + 1) % stride == 0 {
             sample(&drv, &mut out, i + 1, &mut window_live, live);
@@ -428,6 +508,11 @@ pub fn replay(
         .filter(|&(_, n)| n > 0)
         .collect();
     out.remaps = runner.remaps();
+    if let Some(mut r) = recording {
+        drv.log_memory(false);
+        r.segments = runner.segments();
+        out.recording = Some(r);
+    }
     // The figures come from the driver; the allocator must agree with it.
     let (mine, driver) = (runner.reserved(), drv.bytes_in_use(0));
     if mine != driver {
@@ -496,6 +581,7 @@ pub fn min_capacity(
             verify: false,
             samples: 0,
             stop_at_first_oom: true,
+            record: false,
             ..opts.clone()
         };
         Ok(replay(trace, policy, &opts, &mut |_| {})?.ooms == 0)

@@ -9,6 +9,7 @@
 //! - `pytorch`: the `native` and `expandable` policies, PyTorch's allocator rules over the same
 //!   driver (see `docs/policies.md`).
 //! - [`report`]: rows, the side-by-side table and JSON lines.
+//! - [`export`]: a replay as a PyTorch memory snapshot, for PyTorch's viewer.
 //!
 //! [`run`] ties them together for one trace; the `tessera replay` command calls it per trace.
 //!
@@ -16,12 +17,13 @@
 //! None: every replay owns its allocator and device.
 
 pub mod engine;
+pub mod export;
 pub(crate) mod pytorch;
 pub mod report;
 pub mod trace;
 
-pub use engine::{Outcome, Policy, ReplayError, ReplayOptions, Sample};
-pub use report::Row;
+pub use engine::{FirstOom, Outcome, Policy, ReplayError, ReplayOptions, Sample};
+pub use report::{OomInfo, Row};
 
 use engine::{min_capacity, replay, trace_peak_live};
 use trace::Trace;
@@ -67,6 +69,25 @@ pub fn run(
             }
         };
         let mut row = Row::from_outcome(&trace.name, opts.capacity, dropped, &outcome);
+        describe_trace(&mut row, trace);
+        if let Some(o) = &outcome.first_oom {
+            row.first_oom = Some(OomInfo {
+                line: o.line,
+                event: o.event,
+                size_bytes: o.size,
+                live_bytes: Some(o.live_bytes),
+                reserved_bytes: Some(o.reserved_bytes),
+                device_free_bytes: None,
+                frames: frames(trace, trace.event_frames.get(o.event).copied().flatten()),
+            });
+        }
+        if let Some(settings) = &trace.settings {
+            row.models_recorded = Some(settings.policy().name().to_owned());
+        }
+        row.headline = row
+            .first_oom
+            .as_ref()
+            .map_or_else(|| "fits".to_owned(), OomInfo::headline);
         if find_min_capacity {
             let known_fit = (outcome.ooms == 0).then_some(outcome.peak_reserved_bytes);
             match min_capacity(trace, policy, opts, peak_live, known_fit) {
@@ -87,16 +108,62 @@ pub fn run(
         report.outcomes.push(outcome);
     }
     if let Some(rec) = recorded_peak {
-        report.rows.push(Row::recorded(
+        let mut row = Row::recorded(
             &trace.name,
             opts.capacity,
             dropped,
             trace.events.len() as u64,
             peak_live,
             rec,
-        ));
+        );
+        describe_trace(&mut row, trace);
+        row.ooms = trace.recorded_ooms.len() as u64;
+        row.recorded_retries = trace.recorded_retries.len() as u64;
+        row.recorded_limit_bytes = trace
+            .recorded_retries
+            .iter()
+            .map(|r| r.reserved_before.saturating_add(r.size))
+            .min()
+            .map(|limit| limit.max(rec));
+        if let Some(settings) = &trace.settings {
+            row.recorded_config = Some(settings.describe());
+            row.models_recorded = Some(settings.policy().name().to_owned());
+        }
+        if let Some(o) = trace.recorded_ooms.first() {
+            let info = OomInfo {
+                line: o.line,
+                event: o.event,
+                size_bytes: o.size,
+                live_bytes: None,
+                reserved_bytes: None,
+                device_free_bytes: o.device_free,
+                frames: frames(trace, o.frames),
+            };
+            row.headline = info.headline();
+            row.first_oom = Some(info);
+        }
+        report.rows.push(row);
     }
     report
+}
+
+/// What every row of a trace says about it.
+fn describe_trace(row: &mut Row, trace: &Trace) {
+    row.device = trace.device;
+    row.reconstructed_blocks = trace.reconstructed.blocks;
+    row.reconstructed_bytes = trace.reconstructed.bytes;
+}
+
+/// How many frames an OOM report shows.
+const OOM_FRAMES: usize = 3;
+
+/// The top frames of a traceback, as text.
+fn frames(trace: &Trace, index: Option<u32>) -> Vec<String> {
+    trace
+        .top_frames(index, OOM_FRAMES)
+        .into_iter()
+        .map(|f| f.to_string())
+        .collect()
 }
 
 /// The trace's recorded reserved bytes as samples (live bytes left 0: the row carries them).

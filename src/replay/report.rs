@@ -64,15 +64,116 @@ pub struct Row {
     pub vs_recorded_pct: Option<f64>,
     /// Events of the trace dropped as unreplayable (a free of an unknown id, ...).
     pub dropped_events: u64,
+    /// The snapshot's device the trace is of; `None` for a CSV trace.
+    pub device: Option<usize>,
+    /// Snapshots: blocks live before the first entry, reconstructed (see
+    /// [`Reconstructed`](crate::replay::trace::Reconstructed)).
+    pub reconstructed_blocks: u64,
+    /// Their bytes.
+    pub reconstructed_bytes: u64,
+    /// `fits`, or where a real run would have stopped: `OOM at event 11,412: 512.00 MiB,
+    /// model.py:42 in forward` (the `recorded` row: whether the recorded run ran out of memory).
+    pub headline: String,
+    /// The first allocation that failed (the `recorded` row: the first `oom` entry).
+    pub first_oom: Option<OomInfo>,
+    /// The `recorded` row: the recording allocator's configuration, when known.
+    pub recorded_config: Option<String>,
+    /// The `recorded` row: how often the recording allocator released its cache to make room for
+    /// a new segment ([`RecordedRetry`](crate::replay::trace::RecordedRetry)).
+    pub recorded_retries: u64,
+    /// The `recorded` row with retries: the fewest bytes reserved plus asked for at a retry, above
+    /// which the recorded device could not go (its memory was at most about this).
+    pub recorded_limit_bytes: Option<u64>,
+    /// The name of the policy that models the recorded configuration, on every row of a trace
+    /// whose recording allocator's configuration is known.
+    pub models_recorded: Option<String>,
+}
+
+/// Where a run ran out of memory.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct OomInfo {
+    /// The trace line of the allocation: the snapshot entry (1-based), 0 for memory live before
+    /// the first entry.
+    pub line: u64,
+    /// Its index in the trace's events (the `recorded` row: the events before the `oom` entry).
+    pub event: usize,
+    /// The bytes asked for.
+    pub size_bytes: u64,
+    /// Bytes live at that moment (requested sizes); `None` for the `recorded` row.
+    pub live_bytes: Option<u64>,
+    /// Bytes the device held at that moment; `None` for the `recorded` row.
+    pub reserved_bytes: Option<u64>,
+    /// What CUDA reported free (the `recorded` row's `device_free`).
+    pub device_free_bytes: Option<u64>,
+    /// The allocation's top user frames (`file:line in function`), innermost first.
+    pub frames: Vec<String>,
+}
+
+impl OomInfo {
+    /// `OOM at event 11,412: 512.00 MiB, model.py:42 in forward`.
+    pub fn headline(&self) -> String {
+        let at = if self.line == 0 {
+            "before the first entry".to_owned()
+        } else {
+            format!("at event {}", thousands(self.line))
+        };
+        let mut s = format!("OOM {at}: {}", format_bytes(self.size_bytes));
+        if let Some(f) = self.frames.first() {
+            s.push_str(", ");
+            s.push_str(f);
+        }
+        s
+    }
+}
+
+/// `11412` as `11,412`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl Row {
+    /// A row of `trace` and `policy` with nothing measured yet.
+    fn new(trace: &str, policy: &str, capacity: u64, dropped: u64) -> Row {
+        Row {
+            trace: trace.to_string(),
+            policy: policy.to_string(),
+            capacity_bytes: capacity,
+            events: 0,
+            peak_live_bytes: 0,
+            peak_reserved_bytes: 0,
+            overhead_pct: 0.0,
+            ooms: 0,
+            remaps: 0,
+            driver_calls: BTreeMap::new(),
+            seconds: 0.0,
+            events_per_s: 0.0,
+            min_capacity_bytes: None,
+            min_capacity_ratio: None,
+            vs_recorded_pct: None,
+            dropped_events: dropped,
+            device: None,
+            reconstructed_blocks: 0,
+            reconstructed_bytes: 0,
+            headline: "fits".to_owned(),
+            first_oom: None,
+            recorded_config: None,
+            recorded_retries: 0,
+            recorded_limit_bytes: None,
+            models_recorded: None,
+        }
+    }
+
     /// The row of one replay.
     pub fn from_outcome(trace: &str, capacity: u64, dropped: u64, o: &Outcome) -> Row {
         Row {
-            trace: trace.to_string(),
-            policy: o.policy.name().to_string(),
-            capacity_bytes: capacity,
             events: o.events,
             peak_live_bytes: o.peak_live_bytes,
             peak_reserved_bytes: o.peak_reserved_bytes,
@@ -86,10 +187,7 @@ impl Row {
                 .collect(),
             seconds: o.seconds,
             events_per_s: o.events_per_s().round(),
-            min_capacity_bytes: None,
-            min_capacity_ratio: None,
-            vs_recorded_pct: None,
-            dropped_events: dropped,
+            ..Row::new(trace, o.policy.name(), capacity, dropped)
         }
     }
 
@@ -103,22 +201,12 @@ impl Row {
         peak_reserved: u64,
     ) -> Row {
         Row {
-            trace: trace.to_string(),
-            policy: RECORDED.to_string(),
-            capacity_bytes: capacity,
             events,
             peak_live_bytes: peak_live,
             peak_reserved_bytes: peak_reserved,
             overhead_pct: round2(overhead_pct(peak_reserved, peak_live)),
-            ooms: 0,
-            remaps: 0,
-            driver_calls: BTreeMap::new(),
-            seconds: 0.0,
-            events_per_s: 0.0,
-            min_capacity_bytes: None,
-            min_capacity_ratio: None,
             vs_recorded_pct: Some(0.0),
-            dropped_events: dropped,
+            ..Row::new(trace, RECORDED, capacity, dropped)
         }
     }
 
@@ -180,6 +268,7 @@ pub fn render_table(rows: &[Row]) -> String {
     if with_min {
         header.extend(["min capacity", "÷ peak live"]);
     }
+    header.push("result");
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
     let dash = || "-".to_string();
     for r in rows {
@@ -204,6 +293,7 @@ pub fn render_table(rows: &[Row]) -> String {
         if with_recorded {
             line.push(match r.vs_recorded_pct {
                 Some(p) if !recorded => format!("{p:+.1}%"),
+                _ if recorded => model_gap(rows, r).unwrap_or_else(dash),
                 _ => dash(),
             });
         }
@@ -215,6 +305,16 @@ pub fn render_table(rows: &[Row]) -> String {
                     .unwrap_or_else(dash),
             );
         }
+        line.push(match &r.first_oom {
+            Some(o) => {
+                let short = OomInfo {
+                    frames: Vec::new(),
+                    ..o.clone()
+                };
+                short.headline()
+            }
+            None => "fits".to_owned(),
+        });
         table.push(line);
     }
     let mut out = align(&table, 2);
@@ -247,6 +347,106 @@ pub fn render_table(rows: &[Row]) -> String {
         out.push_str(&align(&calls, 2));
     }
     out
+}
+
+/// The `recorded` row's cell in `vs recorded`: the gap of the policy that models the recorded
+/// configuration, `native +0.1%`.
+fn model_gap(rows: &[Row], recorded: &Row) -> Option<String> {
+    let model = recorded.models_recorded.as_deref()?;
+    let row = rows
+        .iter()
+        .find(|r| r.trace == recorded.trace && r.policy == model)?;
+    Some(format!("{model} {:+.1}%", row.vs_recorded_pct?))
+}
+
+/// What the table cannot hold, per trace: the memory reconstructed before the first entry, the
+/// recorded configuration and OOMs, and where each policy first ran out of memory, with frames.
+pub fn render_notes(rows: &[Row]) -> String {
+    let mut out = String::new();
+    let mut traces: Vec<&str> = rows.iter().map(|r| r.trace.as_str()).collect();
+    traces.dedup();
+    for trace in traces {
+        let of: Vec<&Row> = rows.iter().filter(|r| r.trace == trace).collect();
+        let Some(first) = of.first() else { continue };
+        if first.reconstructed_blocks > 0 {
+            let n = first.reconstructed_blocks;
+            let _ = writeln!(
+                out,
+                "{trace}: {} block{} ({}) {} live before the first entry, reconstructed from the \
+                 segments and from frees of blocks the trace never allocates",
+                thousands(n),
+                if n == 1 { "" } else { "s" },
+                format_bytes(first.reconstructed_bytes),
+                if n == 1 { "was" } else { "were" }
+            );
+        }
+        for r in &of {
+            if r.policy == RECORDED {
+                if let Some(config) = &r.recorded_config {
+                    let model = match (&r.models_recorded, model_gap(rows, r)) {
+                        (Some(_), Some(gap)) => format!("; modelled by {gap}"),
+                        (Some(m), None) => format!("; modelled by {m}"),
+                        (None, _) => String::new(),
+                    };
+                    let _ = writeln!(out, "{trace}: recorded with {config}{model}");
+                }
+                if let Some(limit) = r.recorded_limit_bytes {
+                    let _ = writeln!(
+                        out,
+                        "{trace}: the recorded run was at its device's limit: {} time{} it \
+                         released cached segments to make room for a new one, so its device held \
+                         between {} and {}; compare with --capacity {}",
+                        thousands(r.recorded_retries),
+                        if r.recorded_retries == 1 { "" } else { "s" },
+                        format_bytes(r.peak_reserved_bytes),
+                        format_bytes(limit),
+                        capacity_arg(r.peak_reserved_bytes)
+                    );
+                }
+                if let Some(o) = &r.first_oom {
+                    let free = o
+                        .device_free_bytes
+                        .map(|f| format!(", {} free on the device", format_bytes(f)))
+                        .unwrap_or_default();
+                    let _ = writeln!(
+                        out,
+                        "{trace}: the recorded run ran out of memory at entry {}: {} asked for{free}{}",
+                        thousands(o.line),
+                        format_bytes(o.size_bytes),
+                        frames_suffix(&o.frames)
+                    );
+                }
+            } else if let Some(o) = &r.first_oom {
+                let _ = writeln!(
+                    out,
+                    "{trace}: {}: {} (live {}, reserved {}){}",
+                    r.policy,
+                    OomInfo {
+                        frames: Vec::new(),
+                        ..o.clone()
+                    }
+                    .headline(),
+                    format_bytes(o.live_bytes.unwrap_or(0)),
+                    format_bytes(o.reserved_bytes.unwrap_or(0)),
+                    frames_suffix(&o.frames)
+                );
+            }
+        }
+    }
+    out
+}
+
+/// A byte count as a `--capacity` argument, in MiB, rounded up.
+fn capacity_arg(bytes: u64) -> String {
+    format!("{}MiB", bytes.div_ceil(1 << 20))
+}
+
+fn frames_suffix(frames: &[String]) -> String {
+    if frames.is_empty() {
+        String::new()
+    } else {
+        format!(", {}", frames.join(" < "))
+    }
 }
 
 /// Left-aligns the first two columns and right-aligns the others, `gap` spaces apart.

@@ -42,35 +42,48 @@
 //!
 //! Stream handles become dense indices in order of first use ([`Trace::streams`] maps them back).
 //!
-//! # Format 2: PyTorch memory snapshot ([`parse_snapshot`])
+//! # Format 2: PyTorch memory snapshot ([`parse_snapshot`], [`parse_snapshot_devices`])
 //!
 //! The pickle `torch.cuda.memory._dump_snapshot()` writes after
 //! `torch.cuda.memory._record_memory_history()`: a dict with
 //!
 //! - `segments`: a list of dicts, one per segment the allocator holds at dump time, each with
-//!   `device`, `address`, `total_size`, `stream`, `segment_type`, `blocks`, ...;
+//!   `device`, `address`, `total_size`, `stream`, `segment_type`, `is_expandable`, `blocks`
+//!   (`address`, `size`, `requested_size`, `state`, `frames`), ...;
 //! - `device_traces`: one list per device of trace entries, dicts with `action`, `addr` (or
 //!   `device_free` for an `oom`), `size`, `stream`, `time_us`, `frames`, ...;
-//! - other keys (`allocator_settings`, `external_annotations`, ...) that are ignored, as are
-//!   unknown keys of segments and entries and all `frames`.
+//! - `allocator_settings` (PyTorch 2.1 on): the recording allocator's configuration, read into
+//!   [`Trace::settings`] (else what the segments show: expandable or not);
+//! - other keys, which are ignored, as are unknown keys of segments and entries.
 //!
-//! The trace of one device becomes the events: an `alloc` entry allocates `size` bytes on
-//! `stream`, with the entry's address as its id; a `free_completed` entry frees the allocation at
-//! its address (`free_requested` is ignored: the memory is reusable only once the free completes).
-//! A `free_completed` of an address that is not live (allocated before recording started, or
-//! before the ring buffer of entries wrapped around) is a [`Problem`], as are an `alloc` at a live
-//! address and an `alloc` of 0 bytes. `oom`, `snapshot` and actions unknown to this reader are
-//! ignored. An event's line is the 1-based index of its entry in the device's trace.
+//! Every action PyTorch writes is read:
 //!
-//! The recording allocator's own reserved bytes become [`Trace::recorded`]: `segment_alloc` and
-//! `segment_map` add `size`, `segment_free` and `segment_unmap` subtract it. The trace starts at the
-//! total size of the device's `segments` at dump time minus the net sum of those changes (the
-//! recorded history may start mid-run), clamped at 0. A point is recorded at the start and after
-//! every segment event; of several points at the same event index, the last is kept. A trace with
-//! no segment events records nothing.
+//! - `alloc` allocates `size` bytes on `stream`, with the entry's address as its id;
+//! - `free_completed` frees the allocation at its address (the memory is reusable only once the
+//!   free completes; `free_requested` only marks the start of a free, and serves to reconstruct a
+//!   block the trace never allocated);
+//! - `segment_alloc`, `segment_map` add `size` to the recorded reserved bytes, `segment_free` and
+//!   `segment_unmap` take it away ([`Trace::recorded`]);
+//! - `oom` (with `device_free`) is a [`RecordedOom`]: where the recorded run failed;
+//! - a run of `segment_free` (or `segment_unmap`) entries followed by a `segment_alloc` (or
+//!   `segment_map`) is a [`RecordedRetry`]: the recorded run was at its device's limit there;
+//! - `snapshot`, and actions newer than this reader, are ignored.
+//!
+//! The memory live before the first entry is reconstructed as PyTorch's memory viewer does (see
+//! `reconstruct.rs`): blocks the trace frees without allocating, and blocks `segments` lists as
+//! allocated that the trace never allocates, are allocated before the first entry, with line 0.
+//! [`Trace::reconstructed`] counts them. An event's line is otherwise the 1-based index of its
+//! entry in the device's trace. Double frees, overlapping allocations and frees of memory no
+//! segment held are [`Problem`]s.
+//!
+//! The recorded reserved bytes start at the total size of the device's `segments` at dump time
+//! minus the net sum of the segment events (the recorded history may start mid-run), clamped at
+//! 0. A point is recorded at the start and after every segment event; of several points at the
+//! same event index, the last is kept. A snapshot with neither segments nor segment events on the
+//! device records nothing.
 //!
 //! A file that is not such a pickle, or a device the snapshot has no trace for, is a
-//! [`TraceError::Snapshot`].
+//! [`TraceError::Snapshot`] naming the key or the device.
 //!
 //! # The invariants of a [`Trace`]
 //!
@@ -80,7 +93,11 @@
 //! - Slots are dense, `0..slots`: a new slot is opened only when every open slot is live, so
 //!   [`Trace::slots`] is the most allocations live at once. A freed slot goes on a free list and
 //!   the next allocation takes the most recently freed one.
-//! - [`Event::line`] increases strictly along the events; [`Trace::problems`] are in line order.
+//! - [`Event::line`] is 0 for the first [`Reconstructed::blocks`] events (the memory live before
+//!   the first entry) and increases strictly along the others; [`Trace::problems`] are in line
+//!   order, line 0 first.
+//! - [`Trace::event_frames`] is empty or has one entry per event, each `None` or an index into
+//!   [`Trace::tracebacks`]; so do the `frames` of [`Trace::recorded_ooms`].
 //! - [`Trace::recorded`] is sorted by strictly increasing `event`, each at most `events.len()`.
 //!
 //! The readers keep no shared state and take no locks: a [`Trace`] is plain owned data, and
@@ -93,11 +110,15 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
+use crate::sync::Arc;
+pub use crate::torch_snapshot::Frame;
+
 mod csv;
+mod reconstruct;
 mod snapshot;
 
 pub use csv::parse_csv;
-pub use snapshot::parse_snapshot;
+pub use snapshot::{parse_snapshot, parse_snapshot_devices, Devices};
 
 /// One step of a trace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +169,126 @@ pub struct RecordedPoint {
     pub reserved: u64,
 }
 
+/// The memory live before the first entry of a snapshot, reconstructed: allocated by the first
+/// `blocks` events, with line 0.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconstructed {
+    /// Blocks allocated before the first entry.
+    pub blocks: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Of the blocks, those `segments` lists as allocated at dump time.
+    pub from_segments: u64,
+    /// Of the blocks, those the trace frees without allocating them.
+    pub from_frees: u64,
+}
+
+/// Where [`RecordedSettings`] came from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SettingsSource {
+    /// The snapshot's `allocator_settings`.
+    AllocatorSettings,
+    /// What the segments and entries show (snapshots before PyTorch 2.1).
+    #[default]
+    Inferred,
+}
+
+/// The configuration of the allocator that recorded a snapshot.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RecordedSettings {
+    /// Where these came from.
+    pub source: SettingsSource,
+    /// `expandable_segments`.
+    pub expandable_segments: bool,
+    /// `max_split_size_mb`, in bytes, when set.
+    pub max_split_size: Option<u64>,
+    /// `garbage_collection_threshold`, when set.
+    pub garbage_collection_threshold: Option<f64>,
+    /// Whether `roundup_power2_divisions` is set.
+    pub roundup_power2_divisions: bool,
+    /// `release_lock_on_cudamalloc`.
+    pub release_lock_on_cudamalloc: bool,
+    /// `PYTORCH_CUDA_ALLOC_CONF` as the run had it, when not empty.
+    pub conf: Option<String>,
+}
+
+impl RecordedSettings {
+    /// The replay policy that models this configuration.
+    pub fn policy(&self) -> crate::replay::Policy {
+        if self.expandable_segments {
+            crate::replay::Policy::Expandable
+        } else {
+            crate::replay::Policy::Native
+        }
+    }
+
+    /// The settings that change placement and that the policy does not model.
+    pub fn unmodelled(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(m) = self.max_split_size {
+            out.push(format!("max_split_size_mb:{}", m >> 20));
+        }
+        if let Some(t) = self.garbage_collection_threshold {
+            out.push(format!("garbage_collection_threshold:{t}"));
+        }
+        if self.roundup_power2_divisions {
+            out.push("roundup_power2_divisions".to_owned());
+        }
+        out
+    }
+
+    /// One line: `expandable_segments:False (allocator_settings)`, with what is not modelled.
+    pub fn describe(&self) -> String {
+        let mut s = format!(
+            "expandable_segments:{}",
+            if self.expandable_segments {
+                "True"
+            } else {
+                "False"
+            }
+        );
+        for u in self.unmodelled() {
+            s.push(',');
+            s.push_str(&u);
+        }
+        s.push_str(match self.source {
+            SettingsSource::AllocatorSettings => " (allocator_settings)",
+            SettingsSource::Inferred => " (inferred from the segments)",
+        });
+        s
+    }
+}
+
+/// An `oom` entry: where the recorded run failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordedOom {
+    /// The entry's line (1-based index in the device's trace).
+    pub line: u64,
+    /// Events of the trace before it.
+    pub event: usize,
+    /// The bytes asked for.
+    pub size: u64,
+    /// What CUDA reported free on the device then.
+    pub device_free: Option<u64>,
+    /// The stream handle.
+    pub stream: u64,
+    /// Its traceback, an index into [`Trace::tracebacks`].
+    pub frames: Option<u32>,
+}
+
+/// Segments released right before a new one was made: how PyTorch answers a `cudaMalloc` that
+/// failed (release the cached segments, retry), so the recorded run was at its device's limit
+/// there (or it called `empty_cache` just before growing).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordedRetry {
+    /// The line of the first release.
+    pub line: u64,
+    /// Reserved bytes just before the releases.
+    pub reserved_before: u64,
+    /// The size of the segment made after them.
+    pub size: u64,
+}
+
 /// A parsed, validated trace: every free names a live slot, every allocation a free slot.
 #[derive(Clone, Debug, Default)]
 pub struct Trace {
@@ -166,6 +307,46 @@ pub struct Trace {
     pub recorded: Vec<RecordedPoint>,
     /// The first `# {json}` comment line of a CSV trace, if any.
     pub meta: Option<serde_json::Value>,
+    /// The snapshot's device this trace is of; `None` for a CSV trace.
+    pub device: Option<usize>,
+    /// Snapshots: the memory live before the first entry, reconstructed.
+    pub reconstructed: Reconstructed,
+    /// Snapshots: the recording allocator's configuration, when known.
+    pub settings: Option<RecordedSettings>,
+    /// Snapshots: the `oom` entries.
+    pub recorded_ooms: Vec<RecordedOom>,
+    /// Snapshots: where the recording allocator released its cache and retried.
+    pub recorded_retries: Vec<RecordedRetry>,
+    /// Snapshots: the distinct tracebacks, innermost frame first.
+    pub tracebacks: Arc<Vec<Vec<Frame>>>,
+    /// Snapshots: per event, its traceback; empty for a CSV trace.
+    pub event_frames: Vec<Option<u32>>,
+}
+
+impl Trace {
+    /// The traceback of event `event`, innermost frame first (empty when unknown).
+    pub fn frames_of(&self, event: usize) -> &[Frame] {
+        self.traceback(self.event_frames.get(event).copied().flatten())
+    }
+
+    /// A traceback by index (empty for `None`).
+    pub fn traceback(&self, index: Option<u32>) -> &[Frame] {
+        index
+            .and_then(|i| self.tracebacks.get(i as usize))
+            .map_or(&[], Vec::as_slice)
+    }
+
+    /// Up to `n` frames of a traceback to show: the user's frames (see [`Frame::is_user`]), or
+    /// the innermost frames when it has none.
+    pub fn top_frames(&self, index: Option<u32>, n: usize) -> Vec<&Frame> {
+        let all = self.traceback(index);
+        let user: Vec<&Frame> = all.iter().filter(|f| f.is_user()).take(n).collect();
+        if user.is_empty() {
+            all.iter().take(n).collect()
+        } else {
+            user
+        }
+    }
 }
 
 /// A trace that cannot be read at all.
@@ -226,6 +407,13 @@ impl std::error::Error for TraceError {
 /// The trace is named after `path` as given. A file that cannot be opened or read is a
 /// [`TraceError::Io`] naming it; see the [module documentation](self) for the formats.
 pub fn load(path: &Path, device: usize) -> Result<Trace, TraceError> {
+    let mut traces = load_devices(path, Devices::One(device))?;
+    Ok(traces.pop().expect("one device asked for, one trace"))
+}
+
+/// As [`load`], for the devices `devices` of a snapshot: one trace each (a CSV trace is one trace
+/// whatever is asked).
+pub fn load_devices(path: &Path, devices: Devices) -> Result<Vec<Trace>, TraceError> {
     let name = path.display().to_string();
     let io = |error| TraceError::Io {
         path: name.clone(),
@@ -238,20 +426,24 @@ pub fn load(path: &Path, device: usize) -> Result<Trace, TraceError> {
         let mut gz =
             BufReader::with_capacity(1 << 16, flate2::bufread::MultiGzDecoder::new(reader));
         if gz.fill_buf().map_err(io)?.first() == Some(&PICKLE_PROTO) {
-            return read_snapshot(&name, gz, device);
+            return read_snapshot(&name, gz, devices);
         }
-        parse_csv(&name, gz)
+        parse_csv(&name, gz).map(|t| vec![t])
     } else if head.first() == Some(&PICKLE_PROTO) {
-        read_snapshot(&name, reader, device)
+        read_snapshot(&name, reader, devices)
     } else {
-        parse_csv(&name, reader)
+        parse_csv(&name, reader).map(|t| vec![t])
     }
 }
 
 /// The pickle `PROTO` opcode, first byte of every pickle of protocol 2 or later.
 const PICKLE_PROTO: u8 = 0x80;
 
-fn read_snapshot(name: &str, mut reader: impl Read, device: usize) -> Result<Trace, TraceError> {
+fn read_snapshot(
+    name: &str,
+    mut reader: impl Read,
+    devices: Devices,
+) -> Result<Vec<Trace>, TraceError> {
     let mut bytes = Vec::new();
     reader
         .read_to_end(&mut bytes)
@@ -259,7 +451,7 @@ fn read_snapshot(name: &str, mut reader: impl Read, device: usize) -> Result<Tra
             path: name.to_owned(),
             error,
         })?;
-    parse_snapshot(name, &bytes, device)
+    parse_snapshot_devices(name, &bytes, devices)
 }
 
 /// Hashes the u64 keys of the readers' maps (allocation ids, addresses, stream handles) with the
@@ -305,6 +497,8 @@ struct Builder {
     streams: Vec<u64>,
     events: Vec<Event>,
     problems: Vec<Problem>,
+    /// Snapshots: per event, its traceback (the snapshot reader pushes one per event).
+    frames: Vec<Option<u32>>,
 }
 
 impl Builder {
@@ -389,6 +583,13 @@ impl Builder {
             problems: self.problems,
             recorded: Vec::new(),
             meta: None,
+            device: None,
+            reconstructed: Reconstructed::default(),
+            settings: None,
+            recorded_ooms: Vec::new(),
+            recorded_retries: Vec::new(),
+            tracebacks: Arc::default(),
+            event_frames: self.frames,
         }
     }
 }

@@ -13,6 +13,18 @@ use tessera::{Config, Tessera};
 pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 
+/// Replay options for a simulated device of `capacity` bytes, every invariant checked.
+pub fn replay_opts(capacity: u64) -> tessera::replay::ReplayOptions {
+    tessera::replay::ReplayOptions {
+        capacity,
+        config: Config {
+            check_invariants: true,
+            ..Config::default()
+        },
+        ..tessera::replay::ReplayOptions::default()
+    }
+}
+
 /// A simulated device of `capacity` bytes and an allocator over it (invariants checked after
 /// every mutation).
 pub fn sim_alloc(capacity: u64, config: Config) -> (Arc<SimDriver>, Tessera) {

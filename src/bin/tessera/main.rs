@@ -48,9 +48,9 @@ struct ReplayArgs {
     /// snapshots (`torch.cuda.memory._dump_snapshot`).
     #[arg(required = true, value_name = "TRACE")]
     traces: Vec<PathBuf>,
-    /// Memory of the simulated device (at most 8 TiB).
-    #[arg(long, default_value = "80GiB", value_parser = parse_capacity)]
-    capacity: u64,
+    /// Memory of the simulated device (at most 8 TiB; default 80 GiB).
+    #[arg(long, value_parser = parse_capacity)]
+    capacity: Option<u64>,
     /// Allocation granularity of the simulated device: a power of two, at least 4 KiB.
     #[arg(long, default_value = "2MiB", value_parser = parse_granularity)]
     granularity: u64,
@@ -61,9 +61,9 @@ struct ReplayArgs {
         default_value = "tessera,legacy,native,expandable"
     )]
     policy: Vec<Policy>,
-    /// Device whose events a PyTorch snapshot replays.
-    #[arg(long, default_value_t = 0)]
-    device: usize,
+    /// Device whose events a PyTorch snapshot replays: an index, or `all` for one row per device.
+    #[arg(long, default_value = "0", value_parser = parse_devices)]
+    device: trace::Devices,
     /// Back the device with host memory and write and check a pattern in every allocation.
     #[arg(long)]
     verify: bool,
@@ -76,6 +76,10 @@ struct ReplayArgs {
     /// Draw reserved and live bytes over each trace for every policy into this SVG file.
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Write each policy's replay of each trace into this directory as a PyTorch memory snapshot
+    /// (`TRACE.POLICY.pickle`), which PyTorch's memory viewer opens.
+    #[arg(long, value_name = "DIR")]
+    export: Option<PathBuf>,
     /// Settings for the tessera and legacy policies, in `TESSERA_CONF` syntax (its backend is
     /// set by the policy).
     #[arg(long, value_name = "CONF", default_value = "")]
@@ -92,6 +96,9 @@ struct InfoArgs {
     sim: String,
 }
 
+/// The simulated device's memory when `--capacity` is not given: an 80 GB GPU.
+const DEFAULT_CAPACITY: u64 = 80 << 30;
+
 fn parse_capacity(s: &str) -> Result<u64, String> {
     match parse_bytes(s)? {
         0 => Err("expected a size of at least 1 byte".into()),
@@ -100,6 +107,16 @@ fn parse_capacity(s: &str) -> Result<u64, String> {
             format_bytes(MAX_CAPACITY)
         )),
         n => Ok(n),
+    }
+}
+
+fn parse_devices(s: &str) -> Result<trace::Devices, String> {
+    match s.trim() {
+        "all" => Ok(trace::Devices::All),
+        n => n
+            .parse()
+            .map(trace::Devices::One)
+            .map_err(|_| format!("expected a device index or `all`, not {n:?}")),
     }
 }
 
@@ -142,18 +159,25 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         }
     }
     let opts = ReplayOptions {
-        capacity: args.capacity,
+        capacity: args.capacity.unwrap_or(DEFAULT_CAPACITY),
         granularity: args.granularity,
         verify: args.verify,
         samples: if args.plot.is_some() { 1000 } else { 0 },
         config,
         stop_at_first_oom: false,
+        record: args.export.is_some(),
     };
+    if let Some(dir) = &args.export {
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            eprintln!("tessera: --export {}: {e}", dir.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let mut failed = false;
     let mut rows = Vec::new();
     let mut plotted = Vec::new();
     for path in &args.traces {
-        let trace = match trace::load(path, args.device) {
+        let traces = match trace::load_devices(path, args.device) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("tessera: {e}");
@@ -161,33 +185,54 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
                 continue;
             }
         };
-        report_problems(&trace);
-        let mut bar = progress::Progress::new(&trace.name, trace.events.len(), policies.len());
-        let report = replay::run(&trace, &policies, &opts, args.min_capacity, &mut |p, n| {
-            bar.update(p, n)
-        });
-        bar.finish();
-        for e in &report.errors {
-            eprintln!("tessera: {}: {e}", trace.name);
-            failed = true;
-        }
-        if args.json {
-            for row in &report.rows {
-                println!("{}", row.to_json());
+        for trace in traces {
+            report_problems(&trace);
+            let mut bar = progress::Progress::new(&trace.name, trace.events.len(), policies.len());
+            let report = replay::run(&trace, &policies, &opts, args.min_capacity, &mut |p, n| {
+                bar.update(p, n)
+            });
+            bar.finish();
+            for e in &report.errors {
+                eprintln!("tessera: {}: {e}", trace.name);
+                failed = true;
             }
-        }
-        rows.extend(report.rows.iter().cloned());
-        if args.plot.is_some() && !report.outcomes.is_empty() {
-            plotted.push((trace.name.clone(), report));
+            if let Some(dir) = &args.export {
+                for o in &report.outcomes {
+                    let Some(snap) = replay::export::snapshot_of(&trace, o, opts.capacity) else {
+                        continue;
+                    };
+                    let file = replay::export::export_path(dir, &trace, o.policy);
+                    match std::fs::write(&file, snap.to_pickle()) {
+                        Ok(()) => eprintln!("tessera: exported {}", file.display()),
+                        Err(e) => {
+                            eprintln!("tessera: --export {}: {e}", file.display());
+                            failed = true;
+                        }
+                    }
+                }
+            }
+            if args.json {
+                for row in &report.rows {
+                    println!("{}", row.to_json());
+                }
+            }
+            rows.extend(report.rows.iter().cloned());
+            if args.plot.is_some() && !report.outcomes.is_empty() {
+                plotted.push((trace.name.clone(), report));
+            }
         }
     }
     if !args.json && !rows.is_empty() {
         print!("{}", replay::report::render_table(&rows));
+        let notes = replay::report::render_notes(&rows);
+        if !notes.is_empty() {
+            print!("\n{notes}");
+        }
     }
     // The table goes before any later message on stderr.
     let _ = std::io::Write::flush(&mut std::io::stdout());
     if let (Some(file), false) = (&args.plot, plotted.is_empty()) {
-        match plot::draw(file, &plotted) {
+        match plot::draw(file, &plotted, args.capacity) {
             Ok(()) => eprintln!("tessera: plot written to {}", file.display()),
             Err(e) => {
                 eprintln!("tessera: --plot {}: {e}", file.display());

@@ -8,12 +8,13 @@ use rand::Rng;
 
 use crate::driver::{Call, CudaError};
 
-/// Disjoint, non-adjacent half-open ranges `start -> end`.
-#[derive(Default)]
-pub(super) struct RangeSet(pub(super) BTreeMap<u64, u64>);
+/// Disjoint, non-adjacent half-open ranges `start -> end`. The simulated driver's accessible
+/// ranges, and the replay's segments when recording began.
+#[derive(Default, Debug)]
+pub(crate) struct RangeSet(pub(super) BTreeMap<u64, u64>);
 
 impl RangeSet {
-    pub(super) fn insert(&mut self, mut start: u64, mut end: u64) {
+    pub(crate) fn insert(&mut self, mut start: u64, mut end: u64) {
         if let Some((&s, &e)) = self.0.range(..=start).next_back() {
             if e >= start {
                 self.0.remove(&s);
@@ -28,7 +29,7 @@ impl RangeSet {
         self.0.insert(start, end);
     }
 
-    pub(super) fn remove(&mut self, start: u64, end: u64) {
+    pub(crate) fn remove(&mut self, start: u64, end: u64) {
         if let Some((&s, &e)) = self.0.range(..start).next_back() {
             if e > start {
                 self.0.insert(s, start);
@@ -48,6 +49,14 @@ impl RangeSet {
 
     pub(super) fn contains(&self, x: u64) -> bool {
         self.0.range(..=x).next_back().is_some_and(|(_, &e)| e > x)
+    }
+
+    /// Whether `[start, end)` (not empty) lies inside one range.
+    pub(crate) fn contains_range(&self, start: u64, end: u64) -> bool {
+        self.0
+            .range(..=start)
+            .next_back()
+            .is_some_and(|(_, &e)| e >= end)
     }
 
     /// Whether `[start, end)` lies wholly inside the set (ranges are merged on insert).

@@ -353,6 +353,47 @@ impl PytorchAllocator {
 
     /// Memory obtained from the driver and not returned: segments (native), mapped pages
     /// (expandable), and any memory a failed driver call kept from going back.
+    /// Every segment and block in PyTorch's snapshot format, as `DeviceCachingAllocator::snapshot`
+    /// lists them: a native segment whole, an expandable segment as one segment per mapped run.
+    pub(crate) fn segments(&self) -> Vec<crate::torch_snapshot::Segment> {
+        use crate::torch_snapshot::{Block as OutBlock, BlockState, Segment as OutSegment};
+        let mut out: Vec<OutSegment> = Vec::new();
+        for (&base, seg) in &self.segments {
+            let mut current: Option<OutSegment> = None;
+            for (addr, b) in self.blocks.range(base, base + seg.size) {
+                let state = match b.usage {
+                    Use::Allocated { requested } => Some((BlockState::Allocated, requested)),
+                    Use::Free => Some((BlockState::Inactive, 0)),
+                    Use::Unmapped => None,
+                };
+                match state {
+                    None => out.extend(current.take()),
+                    Some((state, requested_size)) => {
+                        let s = current.get_or_insert_with(|| OutSegment {
+                            device: self.dev,
+                            address: addr,
+                            total_size: 0,
+                            stream: b.stream.0,
+                            small: b.pool == Pool::Small,
+                            expandable: seg.page != 0,
+                            blocks: Vec::new(),
+                        });
+                        s.total_size += b.size;
+                        s.blocks.push(OutBlock {
+                            address: addr,
+                            size: b.size,
+                            requested_size,
+                            state,
+                            frames: None,
+                        });
+                    }
+                }
+            }
+            out.extend(current);
+        }
+        out
+    }
+
     pub(crate) fn reserved_bytes(&self) -> u64 {
         self.reserved
     }
