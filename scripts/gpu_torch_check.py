@@ -36,6 +36,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import statistics
 import subprocess
 import sys
@@ -46,8 +47,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKS = ("train", "oom", "oom_hook", "empty_cache", "record_stream", "graph")
-WORKERS = ("train-native", "train-tessera", "oom", "oom_hook", "empty_cache", "record_stream", "graph")
+CHECKS = ("train", "oom", "oom_hook", "empty_cache", "record_stream", "snapshot", "graph")
+WORKERS = ("train-native", "train-tessera", "oom", "oom_hook", "empty_cache", "record_stream", "snapshot", "graph")
 MiB = 1 << 20
 GiB = 1 << 30
 OOM_PREFIX = "CUDA out of memory."
@@ -312,6 +313,45 @@ def worker_empty_cache(args: argparse.Namespace) -> dict[str, Any]:
         "free_after_empty_cache": free3,
         "reserved_before_empty_cache": reserved_before,
         "reserved_after_empty_cache": reserved_after,
+    }
+
+
+def worker_snapshot(args: argparse.Namespace) -> dict[str, Any]:
+    """torch.cuda.memory._snapshot() and _dump_snapshot() under tessera (they raise for a plain
+    pluggable allocator): the live tensors are active blocks of their requested size, and PyTorch's
+    viewer (torch.cuda._memory_viz) reads the dumped file."""
+    tt, state = enable_tessera()
+    import tempfile
+
+    import torch
+    from torch.cuda import _memory_viz
+
+    if args.dry_run:
+        return {"status": "DRY"}
+    tensors = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in (512, 3 * MiB + 7, 96 * MiB)]
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    blocks = {b["address"]: b for s in snap["segments"] for b in s["blocks"]}
+    problems = []
+    for t in tensors:
+        b = blocks.get(t.data_ptr())
+        if b is None or b["state"] != "active_allocated" or b["requested_size"] != t.numel():
+            problems.append(f"tensor of {t.numel()} B at {t.data_ptr():#x}: block {b}")
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "snapshot.pickle")
+        torch.cuda.memory._dump_snapshot(path)
+        with open(path, "rb") as f:
+            text = _memory_viz.segsum(pickle.load(f))
+    reserved = sum(s["total_size"] for s in snap["segments"])
+    if f"total_reserved: {_memory_viz.Bytes(reserved)}" not in text:
+        problems.append(f"_memory_viz stats disagrees: {text[-300:]}")
+    if reserved != torch.cuda.memory_reserved():
+        problems.append(f"segments hold {reserved} B, memory_reserved() says {torch.cuda.memory_reserved()}")
+    return {
+        "status": "FAIL" if problems else "PASS",
+        "why": "; ".join(problems),
+        "segments": len(snap["segments"]),
+        "reserved_bytes": reserved,
     }
 
 

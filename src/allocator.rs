@@ -173,6 +173,14 @@ impl Tessera {
         self.devices.len()
     }
 
+    /// The devices whose allocator exists (used at least once), in order: asking for the others
+    /// would create them (and, on a GPU, a CUDA context each).
+    pub fn used_devices(&self) -> Vec<usize> {
+        (0..self.devices.len())
+            .filter(|&d| self.devices[d].get().is_some())
+            .collect()
+    }
+
     /// The allocator of `device`, created on first use. Inlined: on the hot path the device exists,
     /// and the (large) `Result` never goes through memory.
     #[inline]

@@ -438,9 +438,15 @@ pub fn segments_of(snapshot: &Snapshot) -> Vec<Segment> {
 }
 
 /// A live allocator's snapshot of every device in `snapshots`, as `_dump_snapshot` writes it:
-/// segments and blocks, an empty trace per device (tessera records no history).
-pub fn snapshot_pickle(snapshots: &[Snapshot]) -> Vec<u8> {
-    let devices = snapshots.iter().map(|s| s.device + 1).max().unwrap_or(0);
+/// segments and blocks, and an empty trace for each of the `device_count` devices (tessera
+/// records no history; the viewer indexes `device_traces` by device).
+pub fn snapshot_pickle(snapshots: &[Snapshot], device_count: usize) -> Vec<u8> {
+    let devices = snapshots
+        .iter()
+        .map(|s| s.device + 1)
+        .max()
+        .unwrap_or(0)
+        .max(device_count);
     TorchSnapshot {
         segments: snapshots.iter().flat_map(segments_of).collect(),
         device_traces: vec![Vec::new(); devices],

@@ -300,7 +300,7 @@ fn a_pytorch_snapshot_gets_a_recorded_row() {
     assert_eq!(rows[2]["first_oom"]["device_free_bytes"], 123 * MIB);
     assert_eq!(
         rows[2]["headline"],
-        "OOM at event 10: 64.00 MiB, train.py:42 in step"
+        "OOM at entry 10: 64.00 MiB, train.py:42 in step"
     );
     assert_eq!(rows[0]["headline"], "fits");
 
@@ -312,4 +312,39 @@ fn a_pytorch_snapshot_gets_a_recorded_row() {
     let bad = tessera(&["replay", fixture, "--device", "7"]);
     assert_eq!(bad.status.code(), Some(1));
     assert!(stderr(&bad).contains("device 7"), "{}", stderr(&bad));
+}
+
+#[test]
+fn exports_of_traces_with_the_same_name_do_not_overwrite_each_other() {
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/data/snapshot_small.pickle"
+    );
+    let dir = std::env::temp_dir().join(format!("tessera-cli-export-{}", std::process::id()));
+    let export = dir.join("out");
+    let (a, b) = (dir.join("rank0"), dir.join("rank1"));
+    for d in [&a, &b] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::copy(fixture, d.join("snap.pickle")).unwrap();
+    }
+    let o = tessera(&[
+        "replay",
+        a.join("snap.pickle").to_str().unwrap(),
+        b.join("snap.pickle").to_str().unwrap(),
+        "--policy",
+        "native",
+        "--export",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut names: Vec<String> = std::fs::read_dir(&export)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["snap.pickle-2.native.pickle", "snap.pickle.native.pickle"]
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }

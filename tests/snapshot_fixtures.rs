@@ -301,3 +301,101 @@ fn exports_read_back_to_the_same_peaks() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A snapshot made here, with tessera's own pickle writer: one segment of `blocks` (address,
+/// size, requested, state) on device 0, and `entries` (action, addr, size).
+fn made(blocks: &[(u64, u64, u64, &str)], entries: &[(&str, u64, u64)]) -> Trace {
+    use tessera::pickle::Value;
+    let total: u64 = blocks.iter().map(|b| b.1).sum();
+    let blocks = blocks
+        .iter()
+        .map(|&(address, size, requested, state)| {
+            Value::dict(vec![
+                ("address", Value::int(address)),
+                ("size", Value::int(size)),
+                ("requested_size", Value::int(requested)),
+                ("state", Value::str(state)),
+            ])
+        })
+        .collect();
+    let segment = Value::dict(vec![
+        ("device", Value::int(0)),
+        ("address", Value::int(0x1000u64)),
+        ("total_size", Value::int(total.max(1 << 20))),
+        ("stream", Value::int(0)),
+        ("blocks", Value::list(blocks)),
+    ]);
+    let trace = entries
+        .iter()
+        .map(|&(action, addr, size)| {
+            Value::dict(vec![
+                ("action", Value::str(action)),
+                ("addr", Value::int(addr)),
+                ("size", Value::int(size)),
+            ])
+        })
+        .collect();
+    let top = Value::dict(vec![
+        ("segments", Value::list(vec![segment])),
+        ("device_traces", Value::list(vec![Value::list(trace)])),
+    ]);
+    parse_snapshot("made", &tessera::pickle::to_vec(&top), 0).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[test]
+fn blocks_of_zero_bytes_or_asking_for_more_than_their_size() {
+    // A live block of 0 bytes is named and skipped; one whose requested_size exceeds its size is
+    // taken at its size.
+    let t = made(
+        &[
+            (0x1000, 0, 0, "active_allocated"),
+            (0x1000, 4096, 1 << 62, "active_allocated"),
+        ],
+        &[("alloc", 0x2000, 512)],
+    );
+    assert_eq!((t.reconstructed.blocks, t.reconstructed.bytes), (1, 4096));
+    assert_eq!(problem_lines(&t), [0]);
+    assert!(
+        t.problems[0].message.ends_with("a block of 0 bytes"),
+        "{:?}",
+        t.problems
+    );
+    assert_eq!(trace_peak_live(&t), 4096 + 512);
+}
+
+#[test]
+fn a_dropped_overlapping_alloc_does_not_shift_later_pairs() {
+    let mut entries = vec![
+        ("alloc", 0x1000, 4096),
+        ("alloc", 0x1800, 256), // overlaps the block at 0x1000: dropped
+        ("free_completed", 0x1000, 4096),
+    ];
+    for _ in 0..3 {
+        entries.extend([
+            ("alloc", 0x1800, 256),
+            ("free_requested", 0x1800, 256),
+            ("free_completed", 0x1800, 256),
+        ]);
+    }
+    let t = made(&[], &entries);
+    assert_eq!(problem_lines(&t), [2], "{:?}", t.problems);
+    assert_eq!(t.events.len(), 8);
+    assert_eq!(trace_peak_live(&t), 4096);
+}
+
+#[test]
+fn a_block_reconstructed_from_its_free_has_no_allocation_frames() {
+    // The free's frames are where it was freed, not where it was allocated.
+    let t = device("preexisting", 0);
+    let from_free = t.events[..3]
+        .iter()
+        .position(
+            |e| matches!(e.op, tessera::replay::trace::Op::Alloc { size, .. } if size == 4 * MIB),
+        )
+        .unwrap();
+    assert_eq!(t.frames_of(from_free), &[]);
+    assert!(
+        !t.frames_of(0).is_empty(),
+        "blocks from segments keep theirs"
+    );
+}

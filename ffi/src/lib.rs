@@ -448,7 +448,7 @@ pub unsafe extern "C" fn tessera_memory_snapshot_pickle(
     guard(0, || {
         let t = allocator()?;
         let devices: Vec<usize> = if device == -1 {
-            (0..t.device_count()).collect()
+            t.used_devices()
         } else {
             vec![device_index(t, device)?]
         };
@@ -456,7 +456,7 @@ pub unsafe extern "C" fn tessera_memory_snapshot_pickle(
         for d in devices {
             snapshots.push(t.snapshot(d)?);
         }
-        let pickle = tessera_core::torch_snapshot::snapshot_pickle(&snapshots);
+        let pickle = tessera_core::torch_snapshot::snapshot_pickle(&snapshots, t.device_count());
         if len > 0 {
             if buf.is_null() {
                 return Err(FfiError::invalid_argument(

@@ -362,18 +362,21 @@ def memory_summary(device: Device = None, abbreviated: bool = False) -> str:
     return text.replace("PyTorch CUDA memory summary", "tessera CUDA memory summary", 1)
 
 
-def _snapshot(device: Device = None, augment_with_fx_traces: bool = False) -> dict[str, Any]:
-    """``torch.cuda.memory._snapshot`` from tessera: every device's segments and blocks in
-    PyTorch's snapshot format, which ``_dump_snapshot`` pickles and PyTorch's memory viewer opens.
-    ``device_traces`` are empty: tessera records no allocation history (use ``TESSERA_TRACE`` and
-    ``tessera replay --export`` for one). As in PyTorch, ``device`` is ignored."""
-    del device, augment_with_fx_traces
+def _snapshot(device: Device = None, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """``torch.cuda.memory._snapshot`` from tessera: the segments and blocks of every device
+    tessera has used, in PyTorch's snapshot format, which ``_dump_snapshot`` pickles and PyTorch's
+    memory viewer opens. ``device_traces`` are empty: tessera records no allocation history (use
+    ``TESSERA_TRACE`` and ``tessera replay --export`` for one). As in PyTorch, ``device`` is
+    ignored, and so are the arguments later versions add (``augment_with_fx_traces``, ...)."""
+    del device, args, kwargs
     return _library().memory_snapshot(-1)
 
 
-def memory_snapshot(mempool_id: Any = None) -> list[dict[str, Any]]:
-    """``torch.cuda.memory_snapshot`` from tessera: the segments of :func:`_snapshot`."""
-    del mempool_id
+def memory_snapshot(mempool_id: Any = None, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+    """``torch.cuda.memory_snapshot`` from tessera: the segments of :func:`_snapshot`. tessera has
+    no memory pools: a ``mempool_id`` (``MemPool.snapshot()``) gets every segment too;
+    ``include_traces`` and later arguments are accepted and ignored."""
+    del mempool_id, args, kwargs
     return _snapshot()["segments"]
 
 

@@ -27,7 +27,7 @@ use crate::replay::engine::Outcome;
 use crate::replay::trace::{Op, Trace};
 use crate::replay::Policy;
 use crate::torch_snapshot::{Action, BlockState, Entry, TorchSnapshot};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// The snapshot of one replay (which must have been made with
@@ -144,6 +144,33 @@ pub fn snapshot_of(trace: &Trace, outcome: &Outcome, capacity: u64) -> Option<To
         tracebacks: trace.tracebacks.as_ref().clone(),
         allocator_settings: settings,
     })
+}
+
+/// As [`export_path`], but never a path in `taken` (which it joins): two traces with the same
+/// file name in different directories (one snapshot per rank, each named alike) get
+/// `run.pickle.native.pickle` and `run.pickle-2.native.pickle`.
+pub fn unique_export_path(
+    dir: &Path,
+    trace: &Trace,
+    policy: Policy,
+    taken: &mut HashSet<PathBuf>,
+) -> PathBuf {
+    let first = export_path(dir, trace, policy);
+    let mut path = first.clone();
+    let mut n = 1;
+    while taken.contains(&path) {
+        n += 1;
+        let name = first
+            .file_name()
+            .and_then(|f| f.to_str())
+            .unwrap_or("trace.pickle")
+            .to_owned();
+        let suffix = format!(".{policy}.pickle");
+        let stem = name.strip_suffix(&suffix).unwrap_or(&name);
+        path = dir.join(format!("{stem}-{n}{suffix}"));
+    }
+    taken.insert(path.clone());
+    path
 }
 
 /// The file an export of `trace` under `policy` goes to in `dir`: the trace's file name, its

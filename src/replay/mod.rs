@@ -79,6 +79,7 @@ pub fn run(
                 reserved_bytes: Some(o.reserved_bytes),
                 device_free_bytes: None,
                 frames: frames(trace, trace.event_frames.get(o.event).copied().flatten()),
+                snapshot: trace.device.is_some(),
             });
         }
         if let Some(settings) = &trace.settings {
@@ -107,7 +108,9 @@ pub fn run(
         report.rows.push(row);
         report.outcomes.push(outcome);
     }
-    if let Some(rec) = recorded_peak {
+    // A recorded OOM is reported even when the snapshot gives no reserved bytes to compare.
+    let recorded_row = recorded_peak.or((!trace.recorded_ooms.is_empty()).then_some(0));
+    if let Some(rec) = recorded_row {
         let mut row = Row::recorded(
             &trace.name,
             opts.capacity,
@@ -138,6 +141,7 @@ pub fn run(
                 reserved_bytes: None,
                 device_free_bytes: o.device_free,
                 frames: frames(trace, o.frames),
+                snapshot: true,
             };
             row.headline = info.headline();
             row.first_oom = Some(info);

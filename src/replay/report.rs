@@ -71,7 +71,7 @@ pub struct Row {
     pub reconstructed_blocks: u64,
     /// Their bytes.
     pub reconstructed_bytes: u64,
-    /// `fits`, or where a real run would have stopped: `OOM at event 11,412: 512.00 MiB,
+    /// `fits`, or where a real run would have stopped: `OOM at entry 11,412: 512.00 MiB,
     /// model.py:42 in forward` (the `recorded` row: whether the recorded run ran out of memory).
     pub headline: String,
     /// The first allocation that failed (the `recorded` row: the first `oom` entry).
@@ -107,16 +107,25 @@ pub struct OomInfo {
     pub device_free_bytes: Option<u64>,
     /// The allocation's top user frames (`file:line in function`), innermost first.
     pub frames: Vec<String>,
+    /// Whether `line` is a snapshot's entry (else a CSV line): how the headline names it.
+    #[serde(skip)]
+    pub snapshot: bool,
+}
+
+/// Where a trace's allocation is, for people: `at entry 11,412` (a snapshot's entry), `at line
+/// 11,412` (a CSV trace's line), or `before the first entry` (memory live before recording).
+pub fn oom_place(line: u64, snapshot: bool) -> String {
+    match (line, snapshot) {
+        (0, _) => "before the first entry".to_owned(),
+        (line, true) => format!("at entry {}", thousands(line)),
+        (line, false) => format!("at line {}", thousands(line)),
+    }
 }
 
 impl OomInfo {
-    /// `OOM at event 11,412: 512.00 MiB, model.py:42 in forward`.
+    /// `OOM at entry 11,412: 512.00 MiB, model.py:42 in forward`.
     pub fn headline(&self) -> String {
-        let at = if self.line == 0 {
-            "before the first entry".to_owned()
-        } else {
-            format!("at event {}", thousands(self.line))
-        };
+        let at = oom_place(self.line, self.snapshot);
         let mut s = format!("OOM {at}: {}", format_bytes(self.size_bytes));
         if let Some(f) = self.frames.first() {
             s.push_str(", ");

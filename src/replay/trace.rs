@@ -69,8 +69,8 @@
 //!   `segment_map`) is a [`RecordedRetry`]: the recorded run was at its device's limit there;
 //! - `snapshot`, and actions newer than this reader, are ignored.
 //!
-//! The memory live before the first entry is reconstructed as PyTorch's memory viewer does (see
-//! `reconstruct.rs`): blocks the trace frees without allocating, and blocks `segments` lists as
+//! The memory live before the first entry is reconstructed with the rules of PyTorch's memory
+//! viewer (`reconstruct.rs` says where they differ): blocks the trace frees without allocating, and blocks `segments` lists as
 //! allocated that the trace never allocates, are allocated before the first entry, with line 0.
 //! [`Trace::reconstructed`] counts them. An event's line is otherwise the 1-based index of its
 //! entry in the device's trace. Double frees, overlapping allocations and frees of memory no

@@ -176,6 +176,8 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
     let mut failed = false;
     let mut rows = Vec::new();
     let mut plotted = Vec::new();
+    // The export files written so far: traces of the same name must not overwrite each other.
+    let mut exported = std::collections::HashSet::new();
     for path in &args.traces {
         let traces = match trace::load_devices(path, args.device) {
             Ok(t) => t,
@@ -201,7 +203,8 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
                     let Some(snap) = replay::export::snapshot_of(&trace, o, opts.capacity) else {
                         continue;
                     };
-                    let file = replay::export::export_path(dir, &trace, o.policy);
+                    let file =
+                        replay::export::unique_export_path(dir, &trace, o.policy, &mut exported);
                     match std::fs::write(&file, snap.to_pickle()) {
                         Ok(()) => eprintln!("tessera: exported {}", file.display()),
                         Err(e) => {

@@ -12,6 +12,7 @@ use plotters::prelude::*;
 use plotters::series::DashedLineSeries;
 use std::path::Path;
 use tessera::bytes::format_bytes;
+use tessera::replay::report::oom_place;
 use tessera::replay::{Outcome, Policy, Sample, TraceReport};
 
 /// Width of the whole picture, in pixels.
@@ -201,7 +202,11 @@ where
             mesh.x_desc("events replayed");
         }
         mesh.draw()?;
-        policy_panel(&mut chart, outcome, &axes, &live, &recorded, capacity)?;
+        // A snapshot's first OOMs are named by entry, a CSV trace's by line (as in the table).
+        let snapshot = report.rows.iter().any(|r| r.device.is_some());
+        policy_panel(
+            &mut chart, outcome, &axes, &live, &recorded, capacity, snapshot,
+        )?;
         key(&key_area, outcome)?;
     }
     Ok(())
@@ -262,6 +267,7 @@ fn policy_panel<DB: DrawingBackend>(
     live: &[(f64, f64)],
     recorded: &[(f64, f64)],
     capacity: Option<u64>,
+    snapshot: bool,
 ) -> Result<(), Error>
 where
     DB::ErrorType: 'static,
@@ -320,10 +326,7 @@ where
     }
     if let Some(oom) = outcome.first_oom {
         let at = (oom.event as f64, axes.y(oom.reserved_bytes));
-        let place = match oom.line {
-            0 => "before the first entry".to_string(),
-            line => format!("at event {}", thousands(line)),
-        };
+        let place = oom_place(oom.line, snapshot);
         let label = format!(
             "{}: first OOM {place} ({})",
             outcome.policy,
@@ -483,8 +486,8 @@ mod tests {
         let two = replayed(&big(), 4 * gib, &[Policy::Expandable]);
         let text = svg("oom", &[("a".into(), one), ("b".into(), two)], Some(gib));
         assert_eq!(text.matches("first OOM").count(), 2, "{text}");
-        assert!(text.contains("native: first OOM at event 11,412 (256.00 MiB)"));
-        assert!(text.contains("tessera: first OOM at event 5 (256.00 MiB)"));
+        assert!(text.contains("native: first OOM at line 11,412 (256.00 MiB)"));
+        assert!(text.contains("tessera: first OOM at line 5 (256.00 MiB)"));
         assert!(text.contains("6 OOMs"));
         assert!(text.contains("capacity 1.00 GiB"));
         // Three panels and two title rows.

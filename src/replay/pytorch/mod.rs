@@ -351,8 +351,6 @@ impl PytorchAllocator {
         }
     }
 
-    /// Memory obtained from the driver and not returned: segments (native), mapped pages
-    /// (expandable), and any memory a failed driver call kept from going back.
     /// Every segment and block in PyTorch's snapshot format, as `DeviceCachingAllocator::snapshot`
     /// lists them: a native segment whole, an expandable segment as one segment per mapped run.
     pub(crate) fn segments(&self) -> Vec<crate::torch_snapshot::Segment> {
@@ -394,6 +392,8 @@ impl PytorchAllocator {
         out
     }
 
+    /// Memory obtained from the driver and not returned: segments (native), mapped pages
+    /// (expandable), and any memory a failed driver call kept from going back.
     pub(crate) fn reserved_bytes(&self) -> u64 {
         self.reserved
     }

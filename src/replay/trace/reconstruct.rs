@@ -11,6 +11,11 @@
 //! - a block `segments` lists as allocated or pending free at dump time that the trace does not
 //!   leave live (it never allocates it) was live from the start too, at its `requested_size`.
 //!
+//! These are the rules of PyTorch's memory viewer, with three differences: blocks pending free at
+//! dump time count as live too (the viewer starts from the allocated ones), a lone
+//! `free_requested` whose `free_completed` is not in the trace also reconstructs a block, and the
+//! peak counts the state at the start (the viewer updates its peak only after an event).
+//!
 //! These become allocations before the first entry's event, in address order, with line 0 (see
 //! [`Event::line`](super::Event::line)). Where the snapshot has `segments`, each must lie inside a
 //! segment that existed when recording began: the final segments walked backwards through the
@@ -138,7 +143,8 @@ pub(super) fn reconstruct(name: &str, raw: &RawSnapshot, device: usize) -> Resul
                         addr,
                         size,
                         stream: stream_of(i)?,
-                        frames: e.frames,
+                        // The entry's frames are the free's, not the allocation's: none known.
+                        frames: None,
                     });
                     state.insert(addr, Was::Live);
                 }
@@ -159,6 +165,10 @@ pub(super) fn reconstruct(name: &str, raw: &RawSnapshot, device: usize) -> Resul
                 "segments[{}] says the block at {:#x} ({} B) is allocated at dump time",
                 s.index, blk.address, blk.size
             );
+            if blk.size == 0 {
+                b.problem(0, format!("{what}: a block of 0 bytes"));
+                continue;
+            }
             match state.get(&blk.address) {
                 Some(Was::Live) => {} // the trace leaves it live: allocated by the trace, or freed pending
                 Some(Was::Freed(line)) => b.problem(
@@ -267,10 +277,17 @@ pub(super) fn reconstruct(name: &str, raw: &RawSnapshot, device: usize) -> Resul
                     b.frames.push(e.frames);
                     live.insert(addr, size, line);
                     freed_at.remove(&addr);
+                    // A dropped allocation at this address has been freed or lost: this one
+                    // takes the address's next free.
+                    dropped.remove(&addr);
                 }
             }
             Action::FreeCompleted => {
-                if let Some(alloc_line) = dropped.remove(&addr) {
+                if b.free(addr, line) {
+                    b.frames.push(e.frames);
+                    live.remove(addr);
+                    freed_at.insert(addr, line);
+                } else if let Some(alloc_line) = dropped.remove(&addr) {
                     b.problem(
                         line,
                         format!(
@@ -278,10 +295,6 @@ pub(super) fn reconstruct(name: &str, raw: &RawSnapshot, device: usize) -> Resul
                              {alloc_line}) was dropped"
                         ),
                     );
-                } else if b.free(addr, line) {
-                    b.frames.push(e.frames);
-                    live.remove(addr);
-                    freed_at.insert(addr, line);
                 } else if let Some(&was) = freed_at.get(&addr) {
                     b.problem(
                         line,

@@ -354,10 +354,13 @@ fn read_segment(s: &Value, index: usize, tb: &mut Tracebacks) -> Result<RawSegme
                     .ok_or_else(|| format!("{bat} has 'address' {}, out of range", a.shown()))?,
             };
             next = address.saturating_add(size);
+            // The size asked for: at least 1 byte and at most the block (a larger one is not
+            // what PyTorch writes; the block's size bounds what it can have held).
             let requested = int(b, &bat, "requested_size")?
                 .and_then(Int::size)
                 .filter(|&r| r > 0)
-                .unwrap_or(size);
+                .unwrap_or(size)
+                .min(size);
             let live = match b.get("state") {
                 Some(state) => matches!(
                     state.as_str().as_deref(),
