@@ -258,6 +258,7 @@ fn rate(x: f64) -> String {
 pub fn render_table(rows: &[Row]) -> String {
     let with_min = rows.iter().any(|r| r.min_capacity_bytes.is_some());
     let with_recorded = rows.iter().any(|r| r.policy == RECORDED);
+    let with_start = rows.iter().any(|r| r.reconstructed_blocks > 0);
     let mut header = vec![
         "trace",
         "policy",
@@ -276,6 +277,10 @@ pub fn render_table(rows: &[Row]) -> String {
     }
     if with_min {
         header.extend(["min capacity", "÷ peak live"]);
+    }
+    if with_start {
+        // Memory live before a snapshot's first entry, reconstructed: part of every row's live.
+        header.push("live at start");
     }
     header.push("result");
     let mut table: Vec<Vec<String>> = vec![header.iter().map(|s| s.to_string()).collect()];
@@ -313,6 +318,17 @@ pub fn render_table(rows: &[Row]) -> String {
                     .map(|x| format!("{x:.3}"))
                     .unwrap_or_else(dash),
             );
+        }
+        if with_start {
+            line.push(match r.reconstructed_blocks {
+                0 => dash(),
+                n => format!(
+                    "{} ({} block{})",
+                    format_bytes(r.reconstructed_bytes),
+                    thousands(n),
+                    if n == 1 { "" } else { "s" }
+                ),
+            });
         }
         line.push(match &r.first_oom {
             Some(o) => {
