@@ -366,12 +366,6 @@ pub fn replay(
     let streams: Vec<Stream> = trace.streams.iter().map(|&s| Stream(s)).collect();
     let mut ptrs: Vec<DevicePtr> = vec![0; trace.slots as usize];
     let mut sizes: Vec<u64> = vec![0; trace.slots as usize];
-    // With `record`: the pointer each slot's last free gave back.
-    let mut freed: Vec<DevicePtr> = if opts.record {
-        vec![0; trace.slots as usize]
-    } else {
-        Vec::new()
-    };
     let stride = match opts.samples {
         0 => usize::MAX,
         n => trace.events.len().div_ceil(n).max(1),
@@ -398,11 +392,14 @@ pub fn replay(
     let start = Instant::now();
 
     for (i, ev) in trace.events.iter().enumerate() {
+        // The address the event allocated or freed (0: a failed allocation, its skipped free).
+        let mut event_addr: DevicePtr = 0;
         match ev.op {
             Op::Alloc { slot, size, stream } => {
                 match runner.allocate(size, streams[stream as usize]) {
                     Ok(ptr) => {
                         ptrs[slot as usize] = ptr;
+                        event_addr = ptr;
                         sizes[slot as usize] = size;
                         live += size;
                         window_live = window_live.max(live);
@@ -452,9 +449,7 @@ pub fn replay(
             }
             Op::Free { slot } => {
                 let ptr = std::mem::take(&mut ptrs[slot as usize]);
-                if opts.record {
-                    freed[slot as usize] = ptr;
-                }
+                event_addr = ptr;
                 if ptr != 0 {
                     let size = sizes[slot as usize];
                     if opts.verify {
@@ -478,10 +473,7 @@ pub fn replay(
             }
         }
         if let Some(r) = &mut recording {
-            r.addrs.push(match ev.op {
-                Op::Alloc { slot, .. } => ptrs[slot as usize],
-                Op::Free { slot } => freed[slot as usize],
-            });
+            r.addrs.push(event_addr);
             r.memory
                 .extend(drv.take_memory_log().into_iter().map(|m| (i, m)));
         }

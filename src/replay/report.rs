@@ -123,10 +123,15 @@ pub fn oom_place(line: u64, snapshot: bool) -> String {
 }
 
 impl OomInfo {
+    /// `OOM at entry 11,412: 512.00 MiB` (the headline without frames).
+    pub fn place_and_size(&self) -> String {
+        let at = oom_place(self.line, self.snapshot);
+        format!("OOM {at}: {}", format_bytes(self.size_bytes))
+    }
+
     /// `OOM at entry 11,412: 512.00 MiB, model.py:42 in forward`.
     pub fn headline(&self) -> String {
-        let at = oom_place(self.line, self.snapshot);
-        let mut s = format!("OOM {at}: {}", format_bytes(self.size_bytes));
+        let mut s = self.place_and_size();
         if let Some(f) = self.frames.first() {
             s.push_str(", ");
             s.push_str(f);
@@ -330,16 +335,11 @@ pub fn render_table(rows: &[Row]) -> String {
                 ),
             });
         }
-        line.push(match &r.first_oom {
-            Some(o) => {
-                let short = OomInfo {
-                    frames: Vec::new(),
-                    ..o.clone()
-                };
-                short.headline()
-            }
-            None => "fits".to_owned(),
-        });
+        line.push(
+            r.first_oom
+                .as_ref()
+                .map_or_else(|| "fits".to_owned(), OomInfo::place_and_size),
+        );
         table.push(line);
     }
     let mut out = align(&table, 2);
@@ -446,11 +446,7 @@ pub fn render_notes(rows: &[Row]) -> String {
                     out,
                     "{trace}: {}: {} (live {}, reserved {}){}",
                     r.policy,
-                    OomInfo {
-                        frames: Vec::new(),
-                        ..o.clone()
-                    }
-                    .headline(),
+                    o.place_and_size(),
                     format_bytes(o.live_bytes.unwrap_or(0)),
                     format_bytes(o.reserved_bytes.unwrap_or(0)),
                     frames_suffix(&o.frames)

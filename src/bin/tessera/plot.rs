@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use plotters::series::DashedLineSeries;
 use std::path::Path;
 use tessera::bytes::format_bytes;
-use tessera::replay::report::oom_place;
+use tessera::replay::report::{oom_place, thousands};
 use tessera::replay::{Outcome, Policy, Sample, TraceReport};
 
 /// Width of the whole picture, in pixels.
@@ -408,19 +408,6 @@ fn steps(recorded: &[Sample], axes: &Axes) -> Vec<(f64, f64)> {
         steps.push((axes.events, last));
     }
     steps
-}
-
-/// `11412` as `11,412`.
-fn thousands(n: u64) -> String {
-    let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
-    for (i, d) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(d);
-    }
-    out
 }
 
 /// A guess at the width in pixels of `text` in a sans-serif font of `size` (the SVG backend cannot

@@ -222,21 +222,14 @@ pub(super) fn reconstruct(name: &str, raw: &RawSnapshot, device: usize) -> Resul
         }
     }
 
-    let has_segment_events = entries.iter().any(|e| {
-        matches!(
-            e.action,
-            Action::SegmentAlloc | Action::SegmentFree | Action::SegmentMap | Action::SegmentUnmap
-        )
-    });
-    let net: i128 = entries
-        .iter()
-        .zip(&fields)
-        .map(|(e, &(_, size))| match e.action {
-            Action::SegmentAlloc | Action::SegmentMap => i128::from(size),
-            Action::SegmentFree | Action::SegmentUnmap => -i128::from(size),
-            _ => 0,
-        })
-        .sum();
+    let deltas = || {
+        entries
+            .iter()
+            .zip(&fields)
+            .filter_map(|(e, &(_, size))| reserved_delta(e.action, size))
+    };
+    let has_segment_events = deltas().next().is_some();
+    let net: i128 = deltas().sum();
     let mut reserved = (reserved_at_dump - net).max(0);
     let mut recorded = vec![point(0, reserved)];
     let mut recorded_ooms = Vec::new();
@@ -340,10 +333,7 @@ pub(super) fn reconstruct(name: &str, raw: &RawSnapshot, device: usize) -> Resul
                     }
                     _ => {}
                 }
-                reserved += match e.action {
-                    Action::SegmentAlloc | Action::SegmentMap => i128::from(size),
-                    _ => -i128::from(size),
-                };
+                reserved += reserved_delta(e.action, size).expect("a segment event");
                 let p = point(b.events.len(), reserved);
                 match recorded.last_mut() {
                     Some(last) if last.event == p.event => *last = p,
@@ -369,6 +359,15 @@ pub(super) fn reconstruct(name: &str, raw: &RawSnapshot, device: usize) -> Resul
     trace.recorded_ooms = recorded_ooms;
     trace.recorded_retries = retries;
     Ok(trace)
+}
+
+/// What a segment event changes the recorded reserved bytes by; `None` for other actions.
+fn reserved_delta(action: Action, size: u64) -> Option<i128> {
+    match action {
+        Action::SegmentAlloc | Action::SegmentMap => Some(i128::from(size)),
+        Action::SegmentFree | Action::SegmentUnmap => Some(-i128::from(size)),
+        _ => None,
+    }
 }
 
 fn since_text(line: u64) -> String {
