@@ -27,8 +27,9 @@ mod pages;
 // Pickle reading and writing that keeps the memo's sharing (PyTorch memory snapshots).
 pub mod pickle;
 mod pool;
-// The replay is single-threaded tooling over the simulated device, outside loom's models.
-#[cfg(not(loom))]
+// The replay is single-threaded tooling over the simulated device, outside loom's models; it is
+// the `replay` feature (its readers need gzip and JSON, which the allocator does not).
+#[cfg(all(feature = "replay", not(loom)))]
 pub mod replay;
 pub mod stats;
 pub(crate) mod sync;

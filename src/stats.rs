@@ -6,6 +6,7 @@
 //! segment and block, for debugging and for PyTorch's `memory_snapshot()`.
 
 use crate::driver::{DevicePtr, Stream};
+#[cfg(feature = "serde")]
 use serde::Serialize;
 
 /// Running counters of one device (kept under its lock).
@@ -67,7 +68,8 @@ impl Counters {
 }
 
 /// The statistics of one device at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
 pub struct Stats {
     /// Bytes in live allocations (rounded sizes: 512 B steps, or the size class).
     pub allocated_bytes: u64,
@@ -137,8 +139,9 @@ pub struct Stats {
 }
 
 /// What a block in a snapshot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum BlockStateInfo {
     /// Handed out and not freed.
     Allocated,
@@ -149,7 +152,8 @@ pub enum BlockStateInfo {
 }
 
 /// One block in a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
 pub struct BlockInfo {
     /// Start of the block (device address).
     pub address: DevicePtr,
@@ -165,8 +169,9 @@ pub struct BlockInfo {
 }
 
 /// What a segment in a snapshot is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum SegmentKind {
     /// A contiguous run of mapped pages holding large blocks (VMM backend).
     Large,
@@ -177,7 +182,8 @@ pub enum SegmentKind {
 }
 
 /// One segment in a snapshot.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
 pub struct SegmentInfo {
     /// Start of the segment (device address).
     pub address: DevicePtr,
@@ -193,7 +199,8 @@ pub struct SegmentInfo {
 }
 
 /// Every segment and block of one device.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
 pub struct Snapshot {
     /// The device's index.
     pub device: usize,

@@ -4,11 +4,11 @@
 //! (`src/sync.rs`), those of the simulated driver included, and its thread-locals are loom's.
 //!
 //! ```sh
-//! RUSTFLAGS="--cfg loom" cargo test --release --no-default-features --test loom_models \
+//! RUSTFLAGS="--cfg loom" cargo test --release -p tessera --test loom_models \
 //!     --target-dir target/loom -- --nocapture
 //! ```
 //!
-//! (`--no-default-features`: the `tessera` command uses the replay, which a loom build leaves out.)
+//! (`-p tessera`: the `tessera` command, `cli/`, uses the replay, which a loom build leaves out.)
 //!
 //! Each model builds a fresh [`SimDriver`] (real backing: device memory is host memory, so the
 //! models write a byte pattern into every allocation and check it before freeing) and a

@@ -3,7 +3,7 @@
 ``tessera`` itself needs only ctypes::
 
     import tessera
-    lib = tessera.load()            # TESSERA_LIBRARY, next to the package, or the repo's target/
+    lib = tessera.load()            # TESSERA_LIBRARY, else the one inside the package
     p = lib.malloc(1 << 20, device=0)
     print(lib.stats(0)["allocated_bytes"])
     lib.free(p)
@@ -15,11 +15,14 @@ from ._lib import (
     OOM_HOOK,
     PROTOTYPES,
     ErrorCode,
+    InvalidLibraryError,
     Library,
     LibraryNotFoundError,
+    LibraryVersionError,
     OomHook,
     Stats,
     TesseraError,
+    __version__,
     candidate_paths,
     find_library,
     load,
@@ -29,11 +32,14 @@ __all__ = [
     "OOM_HOOK",
     "PROTOTYPES",
     "ErrorCode",
+    "InvalidLibraryError",
     "Library",
     "LibraryNotFoundError",
+    "LibraryVersionError",
     "OomHook",
     "Stats",
     "TesseraError",
+    "__version__",
     "candidate_paths",
     "find_library",
     "load",

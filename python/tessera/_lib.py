@@ -13,6 +13,7 @@ import enum
 import json
 import os
 import pickle
+import re
 import sys
 import threading
 import traceback
@@ -21,6 +22,31 @@ from typing import Any, Callable, Optional
 
 LIBRARY_NAME = "libtessera.so"
 _PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _source_version() -> str:
+    """The version of a source checkout: ``[workspace.package] version`` of the repository's
+    Cargo.toml (``python/tessera`` lies two levels below it). A wheel carries it instead, in
+    ``_build_version.py``, written from the same line by setup.py."""
+    cargo = _PACKAGE_DIR.parents[1] / "Cargo.toml"
+    try:
+        text = cargo.read_text()
+    except OSError as error:
+        raise ImportError(
+            f"tessera's version is unknown: the package has no _build_version.py (it was not "
+            f"installed from a wheel) and {cargo} cannot be read ({error})"
+        ) from None
+    section = re.search(r"^\[workspace\.package\]$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    found = section and re.search(r'^version\s*=\s*"([^"]+)"', section.group(1), re.M)
+    if not found:
+        raise ImportError(f"tessera's version is unknown: no [workspace.package] version in {cargo}")
+    return found.group(1)
+
+
+try:
+    from ._build_version import VERSION as __version__
+except ImportError:  # a source checkout (PYTHONPATH=python): no build step wrote the file
+    __version__ = _source_version()
 
 
 class ErrorCode(enum.IntEnum):
@@ -55,6 +81,20 @@ class TesseraError(RuntimeError):
 
 class LibraryNotFoundError(FileNotFoundError):
     """No libtessera.so in any of the places :func:`find_library` looks."""
+
+
+class InvalidLibraryError(OSError):
+    """The file found is not a tessera library: it cannot be loaded, or lacks tessera's functions."""
+
+
+class LibraryVersionError(InvalidLibraryError):
+    """The tessera library is of another version than this Python package (``library_version``,
+    ``package_version``)."""
+
+    def __init__(self, message: str, library_version: str, package_version: str) -> None:
+        super().__init__(message)
+        self.library_version = library_version
+        self.package_version = package_version
 
 
 #: ``TESSERA_NO_LIMIT``: ``limit_bytes`` when no limit is in force.
@@ -134,14 +174,14 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
 
 
 def candidate_paths() -> list[Path]:
-    """The places :func:`find_library` looks, in order (``TESSERA_LIBRARY`` excluded): next to
-    the package, then ``target/release`` and ``target/debug`` of the Cargo workspace that holds
-    the package (the nearest parent folder with a ``Cargo.toml``)."""
+    """The places :func:`find_library` looks, in order (``TESSERA_LIBRARY`` excluded): inside the
+    package (where the wheel puts it), then, for a source checkout (the package at
+    ``REPO/python/tessera`` with ``REPO/Cargo.toml``), the repository's ``target/release`` and
+    ``target/debug``. An installed package looks only inside itself."""
     paths = [_PACKAGE_DIR / LIBRARY_NAME]
-    for parent in _PACKAGE_DIR.parents:
-        if (parent / "Cargo.toml").is_file():
-            paths += [parent / "target" / profile / LIBRARY_NAME for profile in ("release", "debug")]
-            break
+    repo = _PACKAGE_DIR.parents[1]
+    if _PACKAGE_DIR.parent.name == "python" and (repo / "Cargo.toml").is_file():
+        paths += [repo / "target" / profile / LIBRARY_NAME for profile in ("release", "debug")]
     return paths
 
 
@@ -163,7 +203,8 @@ def find_library(path: Optional[str | os.PathLike[str]] = None) -> Path:
     listed = "\n".join(f"  {p}" for p in ["$TESSERA_LIBRARY (not set)", *places])
     raise LibraryNotFoundError(
         f"{LIBRARY_NAME} not found; looked at:\n{listed}\n"
-        "Build it with `cargo build --release -p tessera-ffi` or set TESSERA_LIBRARY to its path."
+        "Install the package with the library inside it (`pip install .` in tessera's repository), "
+        "build it (`cargo build --release -p tessera-ffi`), or set TESSERA_LIBRARY to its path."
     )
 
 
@@ -209,8 +250,32 @@ class Library:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Loads the library at ``path`` and checks it is tessera's, of this package's version:
+        :class:`InvalidLibraryError` when it cannot be loaded or lacks tessera's functions,
+        :class:`LibraryVersionError` when its ``tessera_version()`` differs from ``__version__``."""
         self.path = Path(path)
-        self.cdll = ctypes.CDLL(str(self.path))
+        not_tessera = f"{self.path} is not a tessera library"
+        try:
+            self.cdll = ctypes.CDLL(str(self.path))
+        except OSError as error:
+            raise InvalidLibraryError(f"{not_tessera}: it cannot be loaded ({error})") from None
+        if not hasattr(self.cdll, "tessera_version"):
+            raise InvalidLibraryError(f"{not_tessera}: it has no tessera_version() function")
+        version_fn = self.cdll.tessera_version
+        version_fn.restype, version_fn.argtypes = ctypes.c_char_p, []
+        version = (version_fn() or b"").decode("utf-8", "replace")
+        if version != __version__:
+            raise LibraryVersionError(
+                f"{self.path} is tessera {version}, but this tessera Python package is "
+                f"{__version__}: the two must be the same version. Reinstall the package (pip "
+                f"install .), rebuild the library (cargo build --release -p tessera-ffi), or "
+                f"point TESSERA_LIBRARY at a libtessera.so of version {__version__}.",
+                version,
+                __version__,
+            )
+        missing = [name for name in PROTOTYPES if not hasattr(self.cdll, name)]
+        if missing:
+            raise InvalidLibraryError(f"{not_tessera} {version}: it lacks {', '.join(missing)}")
         for name, (restype, argtypes) in PROTOTYPES.items():
             fn = getattr(self.cdll, name)
             fn.restype, fn.argtypes = restype, argtypes

@@ -27,7 +27,14 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
-import torch
+try:
+    import torch
+except ImportError as _error:  # the `torch` extra: pip install 'tessera[torch]'
+    raise ModuleNotFoundError(
+        f"tessera.torch needs PyTorch, which cannot be imported ({_error}): install it with "
+        "`pip install 'tessera[torch]'` (or any torch build); `import tessera` alone works without it",
+        name="torch",
+    ) from _error
 import torch.cuda.memory as _memory
 
 from . import _lib, _torch_oom

@@ -8,13 +8,13 @@ import re
 import threading
 
 import pytest
-from support import GiB, MiB, PYTHON_DIR
+from support import REPO, GiB, MiB
 
 import tessera
 from tessera import _lib
 from tessera import ErrorCode as E
 
-HEADER = PYTHON_DIR.parent / "include" / "tessera.h"
+HEADER = REPO / "include" / "tessera.h"
 SIZE_MAX = (1 << (8 * ctypes.sizeof(ctypes.c_size_t))) - 1
 DEV = 1  # most tests use device 1 of the 2 simulated ones
 

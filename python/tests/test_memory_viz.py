@@ -3,7 +3,7 @@ its parsers read every export (``stats``: segments and blocks; ``trace``: the ev
 print agrees with the replay, ``trace_plot`` writes the HTML page, and tessera's own reader reads
 each export back to the replay's peaks. Also the live allocator's snapshot through
 ``torch.cuda.memory._snapshot`` / ``_dump_snapshot``. Needs torch (no GPU) and the ``tessera``
-command (``cargo build``; ``TESSERA_BIN`` names another)."""
+command (the installed one, else ``cargo build``'s; ``TESSERA_BIN`` names another)."""
 
 from __future__ import annotations
 
@@ -16,25 +16,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import MiB, PYTHON_DIR
+from support import REPO, MiB, import_torch, tessera_command
 
-torch = pytest.importorskip("torch")
+torch = import_torch()
 from torch.cuda import _memory_viz  # noqa: E402
 from torch.cuda._memory_viz import Bytes  # noqa: E402
 
-REPO = PYTHON_DIR.parent
 FIXTURES = ["small", "preexisting", "wrapped", "expandable", "bad", "retry", "oldformat"]
 POLICIES = ["tessera", "legacy", "native", "expandable"]
-
-
-def tessera_bin() -> Path:
-    if os.environ.get("TESSERA_BIN"):
-        return Path(os.environ["TESSERA_BIN"])
-    for profile in ("debug", "release"):
-        path = REPO / "target" / profile / "tessera"
-        if path.exists():
-            return path
-    pytest.fail("no tessera command: run `cargo build` (or set TESSERA_BIN)")
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -63,7 +52,7 @@ def memory_viz(*args: str) -> str:
 
 
 def replay_json(*args: str) -> list[dict]:
-    out = run(str(tessera_bin()), "replay", *args, "--json").stdout
+    out = run(str(tessera_command()), "replay", *args, "--json").stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 import ctypes
 
 import pytest
-from support import GiB, MiB, check, run_python
+from support import GiB, MiB, check, import_torch, missing_requirement, run_python
 
-torch = pytest.importorskip("torch")
+torch = import_torch()
 
 import tessera  # noqa: E402
 import tessera.torch as tt  # noqa: E402
@@ -29,7 +29,7 @@ def shim(lib: tessera.Library):
     if not _torch_oom.is_cached():
         reason = _torch_oom.missing_toolchain()
         if reason is not None:
-            pytest.skip(f"cannot build the shim: {reason}")
+            missing_requirement(f"the shim cannot be built: {reason}")
     return _torch_oom.load(lib)
 
 
@@ -90,6 +90,47 @@ def test_enable_too_late_says_how_to_fix_it():
     assert "ERROR: tessera must be enabled before CUDA is initialised" in out
     assert "first CUDA tensor" in out and "tt.enable()" in out
     assert "enabled: False" in out and f"limit: {32 * MiB}" in out
+
+
+def test_enable_without_a_library_names_every_place_it_looked(tmp_path):
+    empty = tmp_path / "site-packages" / "tessera"
+    empty.mkdir(parents=True)
+    out = check(
+        run_python(
+            f"""
+            import pathlib, tessera, tessera.torch as tt
+            tessera._lib._PACKAGE_DIR = pathlib.Path({str(empty)!r})  # a package without its library
+            try:
+                tt.enable()
+            except tessera.LibraryNotFoundError as e:
+                print("ERROR:", e)
+            print("enabled:", tt.is_enabled())
+            """,
+            {"TESSERA_LIBRARY": None},
+        )
+    )
+    assert "ERROR: libtessera.so not found; looked at:" in out
+    assert "$TESSERA_LIBRARY (not set)" in out and str(empty / "libtessera.so") in out
+    assert "pip install ." in out and "enabled: False" in out
+
+
+def test_enable_with_tessera_library_naming_another_file_says_it_is_not_tessera(tmp_path):
+    bogus = tmp_path / "libtessera.so"
+    bogus.write_text("#!/bin/sh\n")
+    out = check(
+        run_python(
+            """
+            import tessera, tessera.torch as tt
+            try:
+                tt.enable()
+            except tessera.InvalidLibraryError as e:
+                print("ERROR:", type(e).__name__, e)
+            """,
+            {"TESSERA_LIBRARY": str(bogus)},
+        )
+    )
+    assert f"ERROR: InvalidLibraryError {bogus} is not a tessera library: it cannot be loaded" in out
+    assert "Traceback" not in out
 
 
 def test_enable_applies_conf_and_reports_a_bad_one():

@@ -43,7 +43,8 @@ use std::fmt;
 pub type DevicePtr = u64;
 
 /// A CUDA stream handle (`CUstream` as an integer). `Stream(0)` is the legacy default stream.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Stream(pub u64);
 
 impl Stream {

@@ -51,7 +51,8 @@ impl RangeSet {
         self.0.range(..=x).next_back().is_some_and(|(_, &e)| e > x)
     }
 
-    /// Whether `[start, end)` (not empty) lies inside one range.
+    /// Whether `[start, end)` (not empty) lies inside one range (the replay's reconstruction).
+    #[cfg(feature = "replay")]
     pub(crate) fn contains_range(&self, start: u64, end: u64) -> bool {
         self.0
             .range(..=start)

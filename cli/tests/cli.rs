@@ -272,7 +272,7 @@ fn info_without_a_gpu_exits_cleanly() {
 fn a_pytorch_snapshot_gets_a_recorded_row() {
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/snapshot_small.pickle"
+        "/../tests/data/snapshot_small.pickle"
     );
     let o = tessera(&["replay", fixture, "--json", "--policy", "native,tessera"]);
     assert!(o.status.success(), "{}", stderr(&o));
@@ -318,7 +318,7 @@ fn a_pytorch_snapshot_gets_a_recorded_row() {
 fn exports_of_traces_with_the_same_name_do_not_overwrite_each_other() {
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/snapshot_small.pickle"
+        "/../tests/data/snapshot_small.pickle"
     );
     let dir = std::env::temp_dir().join(format!("tessera-cli-export-{}", std::process::id()));
     let export = dir.join("out");
