@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +27,8 @@ else:
 
 ROOT = Path(__file__).resolve().parent
 VERSION: str = tomllib.loads((ROOT / "Cargo.toml").read_text())["workspace"]["package"]["version"]
+# pyproject.toml puts setuptools' scratch space (build/, egg-info) here; egg_info wants it to exist.
+(ROOT / "target" / "python-build").mkdir(parents=True, exist_ok=True)
 LIBRARY_MODULE = "libtessera"  # pyproject.toml's ext-module tessera.libtessera
 
 
@@ -40,6 +43,9 @@ class BuildExt(build_ext):
 
 class BuildPy(build_py):
     def run(self) -> None:
+        # setuptools never empties its build folder: a module removed from python/tessera would
+        # still ship. The package is small; copy it afresh every time.
+        shutil.rmtree(Path(self.build_lib) / "tessera", ignore_errors=True)
         super().run()
         generated = Path(self.build_lib) / "tessera" / "_build_version.py"
         generated.write_text(f'"""Written by setup.py from Cargo.toml."""\n\nVERSION = "{VERSION}"\n')

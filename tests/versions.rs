@@ -30,6 +30,17 @@ fn every_crate_and_the_pinned_dependency_use_the_workspace_version() {
         .as_str()
         .expect("a string");
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    // The wheel's metadata writes the version the way PEP 440 normalizes it: a semver pre-release
+    // (`0.2.0-alpha.1`) would read `0.2.0a1` there and differ from `tessera.__version__` and the
+    // library's. Plain MAJOR.MINOR.PATCH reads the same in both.
+    let parts: Vec<&str> = version.split('.').collect();
+    assert!(
+        parts.len() == 3
+            && parts
+                .iter()
+                .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())),
+        "version {version:?} must be MAJOR.MINOR.PATCH, which Cargo and PEP 440 spell alike"
+    );
     let pinned = get(&root, &["workspace", "dependencies", "tessera", "version"])
         .as_str()
         .expect("a string");

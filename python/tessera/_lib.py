@@ -258,7 +258,7 @@ class Library:
         try:
             self.cdll = ctypes.CDLL(str(self.path))
         except OSError as error:
-            raise InvalidLibraryError(f"{not_tessera}: it cannot be loaded ({error})") from None
+            raise InvalidLibraryError(f"{self.path} cannot be loaded as a tessera library ({error})") from None
         if not hasattr(self.cdll, "tessera_version"):
             raise InvalidLibraryError(f"{not_tessera}: it has no tessera_version() function")
         version_fn = self.cdll.tessera_version

@@ -25,8 +25,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         problems.append(f"tessera is imported from the source tree ({support.PACKAGE_DIR})")
     if os.environ.get("TESSERA_LIBRARY"):
         problems.append("TESSERA_LIBRARY is set")
-    if tessera.find_library() != support.PACKAGE_DIR / tessera._lib.LIBRARY_NAME:
-        problems.append(f"the library found is {tessera.find_library()}, not the package's own")
+    try:
+        found = tessera.find_library()
+        if found != support.PACKAGE_DIR / tessera._lib.LIBRARY_NAME:
+            problems.append(f"the library found is {found}, not the package's own")
+    except tessera.LibraryNotFoundError as error:
+        problems.append(str(error))
     if not support.tessera_command().is_file():
         problems.append(f"no tessera command at {support.tessera_command()}")
     if problems:

@@ -14,6 +14,7 @@ skip; CI sets both.
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -75,6 +76,10 @@ def tessera_command() -> Path:
     if os.environ.get("TESSERA_BIN"):
         return Path(os.environ["TESSERA_BIN"])
     if INSTALLED:
+        # Where pip put the wheel's script (a venv's bin/, ~/.local/bin, ...), from the RECORD.
+        for file in importlib.metadata.files("tessera") or []:
+            if file.name == "tessera" and file.parent.name in ("bin", "Scripts"):
+                return Path(str(file.locate())).resolve()
         return Path(sysconfig.get_path("scripts")) / "tessera"
     for profile in ("debug", "release"):
         path = REPO / "target" / profile / "tessera"

@@ -129,7 +129,7 @@ def test_enable_with_tessera_library_naming_another_file_says_it_is_not_tessera(
             {"TESSERA_LIBRARY": str(bogus)},
         )
     )
-    assert f"ERROR: InvalidLibraryError {bogus} is not a tessera library: it cannot be loaded" in out
+    assert f"ERROR: InvalidLibraryError {bogus} cannot be loaded as a tessera library" in out
     assert "Traceback" not in out
 
 
