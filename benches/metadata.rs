@@ -28,7 +28,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use tessera::driver::sim::{Backing, SimConfig, SimDriver};
-use tessera::driver::{DevicePtr, Driver, DriverResult, Event, MemInfo, PhysHandle, Stream};
+use tessera::driver::{
+    CaptureInfo, CaptureMode, DevicePtr, Driver, DriverResult, Event, MemInfo, PhysHandle, Stream,
+};
 use tessera::{Backend, Config, Tessera};
 
 /// Live heap bytes allocated outside driver calls (tessera, and this program).
@@ -178,6 +180,23 @@ impl Driver for Marked {
     }
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.call(|d| d.stream_synchronize(device, stream))
+    }
+    fn stream_begin_capture(
+        &self,
+        device: usize,
+        stream: Stream,
+        mode: CaptureMode,
+    ) -> DriverResult<()> {
+        self.call(|d| d.stream_begin_capture(device, stream, mode))
+    }
+    fn stream_end_capture(&self, device: usize, stream: Stream) -> DriverResult<()> {
+        self.call(|d| d.stream_end_capture(device, stream))
+    }
+    fn stream_capture_info(&self, device: usize, stream: Stream) -> DriverResult<CaptureInfo> {
+        self.call(|d| d.stream_capture_info(device, stream))
+    }
+    fn exchange_capture_mode(&self, mode: CaptureMode) -> DriverResult<CaptureMode> {
+        self.call(|d| d.exchange_capture_mode(mode))
     }
     fn copy_to_device(
         &self,

@@ -5,7 +5,7 @@
 //! itself is written and read back, not only the calls made.
 
 use tessera::driver::sim::{Backing, SimConfig, SimDriver};
-use tessera::driver::{CudaError, Driver, DriverResult, Stream};
+use tessera::driver::{CaptureInfo, CaptureMode, CudaError, Driver, DriverResult, Stream};
 
 fn code<T: std::fmt::Debug>(r: DriverResult<T>) -> CudaError {
     r.expect_err("call should fail").error
@@ -247,6 +247,30 @@ fn check_bytes_in_use(d: &dyn Driver, device: usize) {
     assert_eq!(d.bytes_in_use(device), before);
 }
 
+/// Stream capture, as far as the trait reaches without a stream of its own: the legacy default
+/// stream never captures and refuses to begin, and the thread's interaction mode swaps and comes
+/// back. (The full rules run on the simulated driver's own tests, with streams it invents.)
+fn check_capture(d: &dyn Driver, device: usize) {
+    let s = Stream::DEFAULT;
+    assert_eq!(d.stream_capture_info(device, s).unwrap(), CaptureInfo::NONE);
+    assert_eq!(
+        code(d.stream_begin_capture(device, s, CaptureMode::Global)),
+        CudaError::StreamCaptureUnsupported
+    );
+    assert!(!d.stream_capture_info(device, s).unwrap().is_capturing());
+    let old = d.exchange_capture_mode(CaptureMode::Relaxed).unwrap();
+    assert_eq!(
+        old,
+        CaptureMode::Global,
+        "every thread starts in global mode"
+    );
+    assert_eq!(d.exchange_capture_mode(old).unwrap(), CaptureMode::Relaxed);
+    // With no capture underway, unsafe calls are allowed in every mode.
+    let e = d.event_create(device).unwrap();
+    assert!(d.event_query(device, e).unwrap());
+    d.event_destroy(device, e).unwrap();
+}
+
 fn run_device(d: &dyn Driver, device: usize, host_memory: bool) {
     check_device_count(d, device);
     check_granularity(d, device);
@@ -255,6 +279,7 @@ fn run_device(d: &dyn Driver, device: usize, host_memory: bool) {
     check_vmm_rules(d, device);
     check_legacy(d, device, host_memory);
     check_events(d, device);
+    check_capture(d, device);
     check_copies(d, device);
     check_bytes_in_use(d, device);
 }

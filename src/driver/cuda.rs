@@ -43,8 +43,8 @@
 //! against what this instance created, so a stale or foreign handle is an error, not a crash.
 
 use super::{
-    Call, CudaError, DevicePtr, Driver, DriverError, DriverResult, Event, MemInfo, PhysHandle,
-    Stream,
+    Call, CaptureInfo, CaptureMode, CaptureStatus, CudaError, DevicePtr, Driver, DriverError,
+    DriverResult, Event, MemInfo, PhysHandle, Stream,
 };
 use crate::sync::{AtomicU64, AtomicUsize, Mutex, Ordering};
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUresult};
@@ -54,7 +54,7 @@ use std::sync::OnceLock;
 
 /// Every `libcuda` symbol this file calls, as cudarc looks it up. `open` checks them all before the
 /// first call, because cudarc panics on a missing symbol (an old driver).
-const SYMBOLS: [&str; 29] = [
+const SYMBOLS: [&str; 34] = [
     "cuInit",
     "cuDeviceGetCount",
     "cuDeviceGet",
@@ -82,6 +82,11 @@ const SYMBOLS: [&str; 29] = [
     "cuStreamWaitEvent",
     "cuStreamSynchronize",
     "cuMemcpyHtoDAsync_v2",
+    "cuStreamBeginCapture_v2",
+    "cuStreamEndCapture",
+    "cuGraphDestroy",
+    "cuStreamGetCaptureInfo_v2",
+    "cuThreadExchangeStreamCaptureMode",
     "cuMemcpyDtoHAsync_v2",
     "cuMemsetD8Async",
 ];
@@ -147,6 +152,22 @@ fn event_ptr(event: Event) -> sys::CUevent {
 /// non-`_ptsz` entry points).
 fn stream_ptr(stream: Stream) -> sys::CUstream {
     stream.0 as usize as sys::CUstream
+}
+
+fn capture_mode_to_cu(mode: CaptureMode) -> sys::CUstreamCaptureMode {
+    match mode {
+        CaptureMode::Global => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL,
+        CaptureMode::ThreadLocal => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        CaptureMode::Relaxed => sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+    }
+}
+
+fn capture_mode_from_cu(mode: sys::CUstreamCaptureMode) -> CaptureMode {
+    match mode {
+        sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_GLOBAL => CaptureMode::Global,
+        sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL => CaptureMode::ThreadLocal,
+        sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED => CaptureMode::Relaxed,
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -717,6 +738,74 @@ impl Driver for CudaDriver {
         // stream of the current context).
         let res = unsafe { sys::cuStreamSynchronize(stream_ptr(stream)) };
         check(res, Call::StreamSynchronize, device)
+    }
+
+    fn stream_begin_capture(
+        &self,
+        device: usize,
+        stream: Stream,
+        mode: CaptureMode,
+    ) -> DriverResult<()> {
+        const C: Call = Call::StreamBeginCapture;
+        let (_, _ctx) = self.enter(device, C)?;
+        // SAFETY: the stream is the caller's live stream of this device, or null (which CUDA
+        // refuses with an error).
+        let res =
+            unsafe { sys::cuStreamBeginCapture_v2(stream_ptr(stream), capture_mode_to_cu(mode)) };
+        check(res, C, device)
+    }
+
+    fn stream_end_capture(&self, device: usize, stream: Stream) -> DriverResult<()> {
+        const C: Call = Call::StreamEndCapture;
+        let (_, _ctx) = self.enter(device, C)?;
+        let mut graph: sys::CUgraph = std::ptr::null_mut();
+        // SAFETY: `graph` is a valid, writable CUgraph; the stream is the caller's live stream.
+        let res = unsafe { sys::cuStreamEndCapture(stream_ptr(stream), &mut graph) };
+        if !graph.is_null() {
+            // SAFETY: the graph was made by the capture just ended and is owned by nobody else.
+            let _ = unsafe { sys::cuGraphDestroy(graph) };
+        }
+        check(res, C, device)
+    }
+
+    fn stream_capture_info(&self, device: usize, stream: Stream) -> DriverResult<CaptureInfo> {
+        const C: Call = Call::StreamGetCaptureInfo;
+        let (_, _ctx) = self.enter(device, C)?;
+        let mut status = sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE;
+        let mut id: sys::cuuint64_t = 0;
+        // SAFETY: `status` and `id` are valid and writable; the graph and dependency outputs are
+        // optional and passed as null; the stream is the caller's live stream, or null.
+        let res = unsafe {
+            sys::cuStreamGetCaptureInfo_v2(
+                stream_ptr(stream),
+                &mut status,
+                &mut id,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        };
+        check(res, C, device)?;
+        Ok(match status {
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE => CaptureInfo::NONE,
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_ACTIVE => CaptureInfo {
+                status: CaptureStatus::Active,
+                id,
+            },
+            sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_INVALIDATED => CaptureInfo {
+                status: CaptureStatus::Invalidated,
+                id,
+            },
+        })
+    }
+
+    fn exchange_capture_mode(&self, mode: CaptureMode) -> DriverResult<CaptureMode> {
+        const C: Call = Call::ExchangeCaptureMode;
+        let mut inout = capture_mode_to_cu(mode);
+        // SAFETY: `inout` is a valid, writable CUstreamCaptureMode; the call needs no context.
+        let res = unsafe { sys::cuThreadExchangeStreamCaptureMode(&mut inout) };
+        check(res, C, 0).map_err(without_device)?;
+        Ok(capture_mode_from_cu(inout))
     }
 
     fn copy_to_device(

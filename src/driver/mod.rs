@@ -30,6 +30,10 @@
 //!   stream before the record has finished. [`Stream`] `0` is the legacy default stream.
 //! - All methods may be called from any thread. No method panics: failures are [`DriverError`]s that
 //!   name the call and the CUDA error.
+//! - Stream capture follows CUDA's rules, stated at [`CaptureMode`]: while a capture is underway
+//!   a potentially unsafe call can fail with `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` and break the
+//!   capture. The simulated driver enforces the same rules and errors, so the allocator's
+//!   capture-safety is tested without a GPU.
 //! - Physical memory created and legacy memory allocated through a driver instance is counted in
 //!   [`Driver::bytes_in_use`], so the allocator can check that its idea of "reserved" matches the
 //!   driver's.
@@ -59,6 +63,64 @@ pub struct PhysHandle(pub u64);
 /// An event handle (`CUevent` as an integer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Event(pub u64);
+
+/// How a stream capture and a thread interact (`CUstreamCaptureMode`).
+///
+/// A *potentially unsafe* call (one that allocates, frees, maps, synchronizes, queries an event
+/// or copies synchronously) made by a thread whose own mode is:
+/// - `Global` fails while that thread has a capture underway that is not `Relaxed`, or while any
+///   thread has a `Global` capture underway on the device;
+/// - `ThreadLocal` fails while that thread has a capture underway that is not `Relaxed`;
+/// - `Relaxed` never fails for a capture.
+///
+/// It fails with `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` and invalidates the captures that forbade
+/// it. A thread's own mode is [`Driver::exchange_capture_mode`]'s; a capture's is the mode it began
+/// with. Synchronizing a capturing stream, or querying or synchronizing an event recorded inside a
+/// capture (`CUDA_ERROR_CAPTURED_EVENT`), fails in every mode.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum CaptureMode {
+    /// `CU_STREAM_CAPTURE_MODE_GLOBAL`, every thread's initial mode.
+    #[default]
+    Global,
+    /// `CU_STREAM_CAPTURE_MODE_THREAD_LOCAL`.
+    ThreadLocal,
+    /// `CU_STREAM_CAPTURE_MODE_RELAXED`.
+    Relaxed,
+}
+
+/// Whether a stream is capturing (`CUstreamCaptureStatus`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum CaptureStatus {
+    /// `CU_STREAM_CAPTURE_STATUS_NONE`: not capturing.
+    None,
+    /// `CU_STREAM_CAPTURE_STATUS_ACTIVE`: capturing.
+    Active,
+    /// `CU_STREAM_CAPTURE_STATUS_INVALIDATED`: capturing, but broken by an unsupported call; it can
+    /// only be ended.
+    Invalidated,
+}
+
+/// What [`Driver::stream_capture_info`] says of a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CaptureInfo {
+    /// Whether the stream is capturing.
+    pub status: CaptureStatus,
+    /// The capture's id, unique in the process while it lasts (0 when not capturing).
+    pub id: u64,
+}
+
+impl CaptureInfo {
+    /// Not capturing.
+    pub const NONE: CaptureInfo = CaptureInfo {
+        status: CaptureStatus::None,
+        id: 0,
+    };
+
+    /// Whether a capture (active or invalidated) is underway on the stream.
+    pub fn is_capturing(self) -> bool {
+        self.status != CaptureStatus::None
+    }
+}
 
 /// Free and total memory of a device, as `cuMemGetInfo` reports them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,11 +178,20 @@ pub enum Call {
     CopyFromDevice,
     /// [`Driver::memset`] (`cuMemsetD8Async`).
     Memset,
+    /// [`Driver::stream_begin_capture`] (`cuStreamBeginCapture`).
+    StreamBeginCapture,
+    /// [`Driver::stream_end_capture`] (`cuStreamEndCapture`).
+    StreamEndCapture,
+    /// [`Driver::stream_capture_info`] (`cuStreamGetCaptureInfo`).
+    StreamGetCaptureInfo,
+    /// [`Driver::exchange_capture_mode`] (`cuThreadExchangeStreamCaptureMode`).
+    ExchangeCaptureMode,
 }
 
 impl Call {
-    /// Every call kind, in declaration order.
-    pub const ALL: [Call; 22] = [
+    /// Every call kind, in declaration order (new kinds go at the end: saved proptest seeds index
+    /// into this list).
+    pub const ALL: [Call; 26] = [
         Call::DeviceCount,
         Call::Granularity,
         Call::MemInfo,
@@ -143,6 +214,10 @@ impl Call {
         Call::CopyToDevice,
         Call::CopyFromDevice,
         Call::Memset,
+        Call::StreamBeginCapture,
+        Call::StreamEndCapture,
+        Call::StreamGetCaptureInfo,
+        Call::ExchangeCaptureMode,
     ];
 
     /// The CUDA driver function behind this call, as error messages name it.
@@ -170,6 +245,10 @@ impl Call {
             Call::CopyToDevice => "cuMemcpyHtoDAsync",
             Call::CopyFromDevice => "cuMemcpyDtoHAsync",
             Call::Memset => "cuMemsetD8Async",
+            Call::StreamBeginCapture => "cuStreamBeginCapture",
+            Call::StreamEndCapture => "cuStreamEndCapture",
+            Call::StreamGetCaptureInfo => "cuStreamGetCaptureInfo",
+            Call::ExchangeCaptureMode => "cuThreadExchangeStreamCaptureMode",
         }
     }
 
@@ -208,6 +287,9 @@ pub enum CudaError {
     SharedObjectInitFailed,
     /// `CUDA_ERROR_INVALID_HANDLE` (400): a handle (physical memory, event) that is not live.
     InvalidHandle,
+    /// `CUDA_ERROR_ILLEGAL_STATE` (401): the object is not in a state for the call (a capture
+    /// begun on a stream that is already capturing, or ended on one that is not).
+    IllegalState,
     /// `CUDA_ERROR_NOT_FOUND` (500): a named symbol or resource was not found.
     NotFound,
     /// `CUDA_ERROR_NOT_READY` (600): the work an event waits for is not done yet
@@ -219,6 +301,17 @@ pub enum CudaError {
     NotPermitted,
     /// `CUDA_ERROR_NOT_SUPPORTED` (801): the device or driver does not support the operation.
     NotSupported,
+    /// `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` (900): a call that is not permitted while a stream
+    /// capture is underway; the capture it broke is invalidated.
+    StreamCaptureUnsupported,
+    /// `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED` (901): the capture was invalidated by an earlier
+    /// unsupported call; it can only be ended.
+    StreamCaptureInvalidated,
+    /// `CUDA_ERROR_CAPTURED_EVENT` (907): a query or wait on an event recorded inside a capture.
+    CapturedEvent,
+    /// `CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD` (908): a global or thread-local capture ended from
+    /// another thread than the one that began it.
+    StreamCaptureWrongThread,
     /// `CUDA_ERROR_UNKNOWN` (999): an error the driver does not say more about.
     Unknown,
     /// Any other code, kept verbatim.
@@ -238,11 +331,16 @@ impl CudaError {
             CudaError::InvalidContext => 201,
             CudaError::SharedObjectInitFailed => 303,
             CudaError::InvalidHandle => 400,
+            CudaError::IllegalState => 401,
             CudaError::NotFound => 500,
             CudaError::NotReady => 600,
             CudaError::IllegalAddress => 700,
             CudaError::NotPermitted => 800,
             CudaError::NotSupported => 801,
+            CudaError::StreamCaptureUnsupported => 900,
+            CudaError::StreamCaptureInvalidated => 901,
+            CudaError::CapturedEvent => 907,
+            CudaError::StreamCaptureWrongThread => 908,
             CudaError::Unknown => 999,
             CudaError::Other(c) => c,
         }
@@ -260,11 +358,16 @@ impl CudaError {
             201 => CudaError::InvalidContext,
             303 => CudaError::SharedObjectInitFailed,
             400 => CudaError::InvalidHandle,
+            401 => CudaError::IllegalState,
             500 => CudaError::NotFound,
             600 => CudaError::NotReady,
             700 => CudaError::IllegalAddress,
             800 => CudaError::NotPermitted,
             801 => CudaError::NotSupported,
+            900 => CudaError::StreamCaptureUnsupported,
+            901 => CudaError::StreamCaptureInvalidated,
+            907 => CudaError::CapturedEvent,
+            908 => CudaError::StreamCaptureWrongThread,
             999 => CudaError::Unknown,
             c => CudaError::Other(c),
         }
@@ -282,11 +385,16 @@ impl CudaError {
             CudaError::InvalidContext => "CUDA_ERROR_INVALID_CONTEXT",
             CudaError::SharedObjectInitFailed => "CUDA_ERROR_SHARED_OBJECT_INIT_FAILED",
             CudaError::InvalidHandle => "CUDA_ERROR_INVALID_HANDLE",
+            CudaError::IllegalState => "CUDA_ERROR_ILLEGAL_STATE",
             CudaError::NotFound => "CUDA_ERROR_NOT_FOUND",
             CudaError::NotReady => "CUDA_ERROR_NOT_READY",
             CudaError::IllegalAddress => "CUDA_ERROR_ILLEGAL_ADDRESS",
             CudaError::NotPermitted => "CUDA_ERROR_NOT_PERMITTED",
             CudaError::NotSupported => "CUDA_ERROR_NOT_SUPPORTED",
+            CudaError::StreamCaptureUnsupported => "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED",
+            CudaError::StreamCaptureInvalidated => "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED",
+            CudaError::CapturedEvent => "CUDA_ERROR_CAPTURED_EVENT",
+            CudaError::StreamCaptureWrongThread => "CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD",
             CudaError::Unknown => "CUDA_ERROR_UNKNOWN",
             CudaError::Other(_) => "CUDA_ERROR_(unnamed)",
         }
@@ -444,4 +552,32 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
         bytes: u64,
         stream: Stream,
     ) -> DriverResult<()>;
+
+    /// `cuStreamBeginCapture`: work queued on `stream` from now on is recorded into a graph
+    /// instead of run, until [`Driver::stream_end_capture`]. `mode` says which calls the capture
+    /// forbids (see [`CaptureMode`]). The legacy default stream cannot capture
+    /// (`CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED`); a stream already capturing is
+    /// `CUDA_ERROR_ILLEGAL_STATE`.
+    fn stream_begin_capture(
+        &self,
+        device: usize,
+        stream: Stream,
+        mode: CaptureMode,
+    ) -> DriverResult<()>;
+
+    /// `cuStreamEndCapture`, then destroys the captured graph (tessera never launches one; PyTorch
+    /// captures through the runtime itself). An invalidated capture ends with
+    /// `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`; a global or thread-local capture ended from another
+    /// thread is `CUDA_ERROR_STREAM_CAPTURE_WRONG_THREAD` and goes on.
+    fn stream_end_capture(&self, device: usize, stream: Stream) -> DriverResult<()>;
+
+    /// `cuStreamGetCaptureInfo` (and so `cuStreamIsCapturing`): whether `stream` is capturing,
+    /// and the capture's id.
+    fn stream_capture_info(&self, device: usize, stream: Stream) -> DriverResult<CaptureInfo>;
+
+    /// `cuThreadExchangeStreamCaptureMode`: sets the calling thread's capture interaction mode and
+    /// returns the one it had (every thread starts in [`CaptureMode::Global`]). tessera sets
+    /// [`CaptureMode::Relaxed`] around its driver allocation calls and puts the old mode back, as
+    /// PyTorch does around `cudaMalloc`.
+    fn exchange_capture_mode(&self, mode: CaptureMode) -> DriverResult<CaptureMode>;
 }

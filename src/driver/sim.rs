@@ -8,6 +8,8 @@
 //! - `handles` (`id -> {size, offset, released, maps}`): physical allocations, and `legacy`
 //!   (`ptr -> {size, len}`): `alloc_legacy` allocations;
 //! - `events` (`id -> pending (stream, sequence) or complete`) and the set of `held` streams;
+//! - `captures`: the streams capturing and the events recorded inside a capture (`capture.rs`,
+//!   which also holds the capture calls and the rules for potentially unsafe calls);
 //! - byte counters (`physical`, `legacy_bytes`, `external`) for capacity accounting;
 //! - the backing: with [`Backing::Real`], one memfd per device (created on first use) whose offsets
 //!   are handed out by an extent allocator; with [`Backing::Bookkeeping`], a range of fake addresses
@@ -37,6 +39,9 @@
 //! Every method takes the one mutex once, for its whole duration, and calls nothing outside this
 //! module while holding it (host syscalls only). There is no other lock, so no lock order.
 
+mod capture;
+#[cfg(test)]
+mod capture_tests;
 mod config;
 mod host;
 mod log;
@@ -47,13 +52,14 @@ mod tests;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::os::fd::OwnedFd;
+use std::thread::ThreadId;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
 use super::{
-    Call, CudaError, DevicePtr, Driver, DriverError, DriverResult, Event, MemInfo, PhysHandle,
-    Stream,
+    Call, CaptureInfo, CaptureMode, CudaError, DevicePtr, Driver, DriverError, DriverResult, Event,
+    MemInfo, PhysHandle, Stream,
 };
 use crate::bytes::format_bytes;
 use crate::sync::{Mutex, MutexGuard};
@@ -76,8 +82,10 @@ struct State {
     devices: Vec<Device>,
     counters: [u64; Call::ALL.len()],
     faults: Faults,
-    /// The last handle or event id given out (ids start at 1).
+    /// The last handle, event or capture id given out (ids start at 1).
     last_id: u64,
+    /// Each thread's capture interaction mode (`exchange_capture_mode`); absent: `Global`.
+    thread_modes: HashMap<ThreadId, CaptureMode>,
     /// The memory log, while it is on (`log_memory`).
     memory_log: Option<Vec<MemoryEvent>>,
 }
@@ -119,6 +127,7 @@ struct Device {
     events: HashMap<u64, Option<(u64, u64)>>,
     held: HashSet<u64>,
     seq: u64,
+    captures: capture::Captures,
     /// Real backing: the memfd (created on first `create_physical`) and its length.
     memfd: Option<(OwnedFd, u64)>,
     /// Real backing: memfd offsets. Bookkeeping: fake addresses.
@@ -151,6 +160,7 @@ impl Device {
             events: HashMap::new(),
             held: HashSet::new(),
             seq: 0,
+            captures: capture::Captures::default(),
             memfd: None,
             extents,
         }
@@ -292,6 +302,7 @@ impl SimDriver {
                 counters: [0; Call::ALL.len()],
                 faults: Faults::default(),
                 last_id: 0,
+                thread_modes: HashMap::new(),
                 memory_log: None,
             }),
             config,
@@ -626,6 +637,7 @@ impl Driver for SimDriver {
     fn alloc_legacy(&self, device: usize, size: u64) -> DriverResult<DevicePtr> {
         const C: Call = Call::AllocLegacy;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         if size == 0 {
             return Err(fail(C, CudaError::InvalidValue, device, "size 0"));
@@ -661,6 +673,7 @@ impl Driver for SimDriver {
     fn free_legacy(&self, device: usize, ptr: DevicePtr) -> DriverResult<()> {
         const C: Call = Call::FreeLegacy;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         let Some(l) = d.legacy.get(&ptr).copied() else {
             return Err(fail(
@@ -685,6 +698,7 @@ impl Driver for SimDriver {
     fn reserve(&self, device: usize, size: u64, align: u64) -> DriverResult<DevicePtr> {
         const C: Call = Call::Reserve;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         self.check_vmm(C, device)?;
         self.check_range(C, device, 0, size)?;
@@ -714,6 +728,7 @@ impl Driver for SimDriver {
     fn free_reservation(&self, device: usize, va: DevicePtr, size: u64) -> DriverResult<()> {
         const C: Call = Call::FreeReservation;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         self.check_vmm(C, device)?;
         let inval = |why: String| fail(C, CudaError::InvalidValue, device, why);
@@ -747,6 +762,7 @@ impl Driver for SimDriver {
     fn create_physical(&self, device: usize, size: u64) -> DriverResult<PhysHandle> {
         const C: Call = Call::CreatePhysical;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let id = st.last_id + 1;
         let d = device_mut(&mut st, C, device)?;
         self.check_vmm(C, device)?;
@@ -792,6 +808,7 @@ impl Driver for SimDriver {
     fn release_physical(&self, device: usize, handle: PhysHandle) -> DriverResult<()> {
         const C: Call = Call::ReleasePhysical;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         self.check_vmm(C, device)?;
         match d.handles.get_mut(&handle.0) {
@@ -812,6 +829,7 @@ impl Driver for SimDriver {
     fn map(&self, device: usize, va: DevicePtr, size: u64, handle: PhysHandle) -> DriverResult<()> {
         const C: Call = Call::Map;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         self.check_vmm(C, device)?;
         let end = self.check_range(C, device, va, size)?;
@@ -866,6 +884,7 @@ impl Driver for SimDriver {
     fn unmap(&self, device: usize, va: DevicePtr, size: u64) -> DriverResult<()> {
         const C: Call = Call::Unmap;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         self.check_vmm(C, device)?;
         let end = self.check_range(C, device, va, size)?;
@@ -898,6 +917,7 @@ impl Driver for SimDriver {
     fn set_access(&self, device: usize, va: DevicePtr, size: u64) -> DriverResult<()> {
         const C: Call = Call::SetAccess;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
         let d = device_mut(&mut st, C, device)?;
         self.check_vmm(C, device)?;
         let end = self.check_range(C, device, va, size)?;
@@ -932,6 +952,14 @@ impl Driver for SimDriver {
         let mut st = self.enter(C, Some(device))?;
         let d = device_mut(&mut st, C, device)?;
         check_event(d, C, device, event)?;
+        if d.captures
+            .record(event.0, stream.0)
+            .map_err(|(e, why)| fail(C, e, device, why))?
+        {
+            // Recorded into the graph, not run: it has nothing to wait for now.
+            d.events.insert(event.0, None);
+            return Ok(());
+        }
         let pending = d.held.contains(&stream.0).then(|| {
             d.seq += 1;
             (stream.0, d.seq)
@@ -943,6 +971,7 @@ impl Driver for SimDriver {
     fn event_query(&self, device: usize, event: Event) -> DriverResult<bool> {
         const C: Call = Call::EventQuery;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_event_use(&mut st, C, device, event)?;
         let d = device_mut(&mut st, C, device)?;
         Ok(check_event(d, C, device, event)?.is_none())
     }
@@ -950,6 +979,7 @@ impl Driver for SimDriver {
     fn event_synchronize(&self, device: usize, event: Event) -> DriverResult<()> {
         const C: Call = Call::EventSynchronize;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_event_use(&mut st, C, device, event)?;
         let d = device_mut(&mut st, C, device)?;
         if let Some((stream, seq)) = check_event(d, C, device, event)? {
             d.complete(stream, seq);
@@ -963,6 +993,7 @@ impl Driver for SimDriver {
         let d = device_mut(&mut st, C, device)?;
         check_event(d, C, device, event)?;
         d.events.remove(&event.0);
+        d.captures.forget_event(event.0);
         Ok(())
     }
 
@@ -976,6 +1007,7 @@ impl Driver for SimDriver {
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
         const C: Call = Call::StreamSynchronize;
         let mut st = self.enter(C, Some(device))?;
+        capture::check_stream_synchronize(&mut st, C, device, stream)?;
         device_mut(&mut st, C, device)?.complete(stream.0, u64::MAX);
         Ok(())
     }
@@ -987,7 +1019,8 @@ impl Driver for SimDriver {
         src: &[u8],
         stream: Stream,
     ) -> DriverResult<()> {
-        let st = self.enter(Call::CopyToDevice, Some(device))?;
+        let mut st = self.enter(Call::CopyToDevice, Some(device))?;
+        capture::check_unsafe_call(&mut st, Call::CopyToDevice, device)?;
         self.check_host_range(&st, Call::CopyToDevice, device, dst, src.len() as u64)?;
         let _ = stream; // copies happen at once on the simulated device
                         // SAFETY: `[dst, dst + len)` is accessible memory of this device (checked above), which
@@ -1004,7 +1037,8 @@ impl Driver for SimDriver {
         src: DevicePtr,
         stream: Stream,
     ) -> DriverResult<()> {
-        let st = self.enter(Call::CopyFromDevice, Some(device))?;
+        let mut st = self.enter(Call::CopyFromDevice, Some(device))?;
+        capture::check_unsafe_call(&mut st, Call::CopyFromDevice, device)?;
         self.check_host_range(&st, Call::CopyFromDevice, device, src, dst.len() as u64)?;
         let _ = stream;
         // SAFETY: as in `copy_to_device`, with the roles swapped.
@@ -1022,10 +1056,43 @@ impl Driver for SimDriver {
     ) -> DriverResult<()> {
         let st = self.enter(Call::Memset, Some(device))?;
         self.check_host_range(&st, Call::Memset, device, dst, bytes)?;
-        let _ = stream;
+        if capture::captured_work(&st, Call::Memset, device, stream)? {
+            return Ok(()); // recorded into the graph, not run
+        }
         // SAFETY: `[dst, dst + bytes)` is accessible host-backed memory (checked above).
         unsafe { std::ptr::write_bytes(dst as *mut u8, value, bytes as usize) };
         Ok(())
+    }
+    fn stream_begin_capture(
+        &self,
+        device: usize,
+        stream: Stream,
+        mode: CaptureMode,
+    ) -> DriverResult<()> {
+        let mut st = self.enter(Call::StreamBeginCapture, Some(device))?;
+        capture::begin(&mut st, device, stream, mode)
+    }
+
+    fn stream_end_capture(&self, device: usize, stream: Stream) -> DriverResult<()> {
+        let mut st = self.enter(Call::StreamEndCapture, Some(device))?;
+        capture::end(&mut st, device, stream)
+    }
+
+    fn stream_capture_info(&self, device: usize, stream: Stream) -> DriverResult<CaptureInfo> {
+        const C: Call = Call::StreamGetCaptureInfo;
+        let mut st = self.enter(C, Some(device))?;
+        Ok(device_mut(&mut st, C, device)?.captures.info(stream.0))
+    }
+
+    fn exchange_capture_mode(&self, mode: CaptureMode) -> DriverResult<CaptureMode> {
+        let mut st = self.enter(Call::ExchangeCaptureMode, None)?;
+        let thread = std::thread::current().id();
+        // A thread back in the initial mode leaves the table, so it never outgrows the live threads.
+        let old = match mode {
+            CaptureMode::Global => st.thread_modes.remove(&thread),
+            _ => st.thread_modes.insert(thread, mode),
+        };
+        Ok(old.unwrap_or_default())
     }
 }
 
