@@ -8,7 +8,12 @@
  * Every function is thread-safe and reports failure through its return value plus the calling
  * thread's last error (tessera_last_error, tessera_last_error_code); a success does not clear it.
  * No panic or exception leaves the library, except the C++ std::runtime_error that
- * tessera_torch_malloc throws on purpose.
+ * tessera_torch_malloc throws on purpose, and that of PyTorch's three CUDA-graph hooks
+ * (tessera_torch_begin_allocate_to_pool, tessera_torch_end_allocate_to_pool,
+ * tessera_torch_release_pool: C++ functions over tessera_begin_allocate_to_pool and its two
+ * siblings, declared in no header because their parameters are C++ types; their addresses come
+ * from tessera_torch_graph_hook, and PyTorch calls them through the setters of
+ * torch._C._CUDAPluggableAllocator).
  *
  * The allocator is made on first use from the environment: TESSERA_DRIVER (cuda, the default, or
  * sim), TESSERA_SIM (the simulated machine, e.g. devices:2,capacity:8GiB,granularity:2MiB),
@@ -18,6 +23,7 @@
 #ifndef TESSERA_H
 #define TESSERA_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 /* CUDA's stream type, declared exactly as CUDA's driver_types.h declares it. */
@@ -86,6 +92,12 @@ typedef struct CUstream_st *cudaStream_t;
  * A bug in tessera (a Rust panic, caught at the boundary).
  */
 #define TESSERA_ERROR_INTERNAL 10
+
+/**
+ * A CUDA-graph pool call out of order: routing to a pool twice, ending a route that is not open,
+ * releasing a pool that has no use left.
+ */
+#define TESSERA_ERROR_PRIVATE_POOL 11
 
 /**
  * The statistics of one device (see `tessera_get_stats`). Set `size` to `sizeof(tessera_stats)`
@@ -181,6 +193,18 @@ typedef struct tessera_stats {
    * (PyTorch's `num_alloc_retries`).
    */
   uint64_t alloc_retries;
+  /**
+   * 1 while a CUDA-graph capture may be underway (an allocation is routed to a private pool
+   * on some device): tessera then unmaps, releases and waits for nothing. Else 0.
+   */
+  uint64_t capture_underway;
+  /**
+   * Private pools of CUDA graphs with uses left on the device, and the bytes of their blocks
+   * (live or free: memory only they may use) and of their live allocations.
+   */
+  uint64_t private_pools;
+  uint64_t private_pool_held_bytes;
+  uint64_t private_pool_allocated_bytes;
 } tessera_stats;
 
 /**
@@ -191,6 +215,17 @@ typedef struct tessera_stats {
  * informational.
  */
 typedef size_t (*tessera_oom_hook)(int device, size_t requested, void *user);
+
+/**
+ * Says whether an allocation on `stream` goes to the route's pool. Must not call tessera, throw
+ * or unwind.
+ */
+typedef bool (*tessera_stream_filter)(void *ctx, cudaStream_t stream);
+
+/**
+ * Frees a filter's context. Must not call tessera, throw or unwind.
+ */
+typedef void (*tessera_filter_drop)(void *ctx);
 
 #ifdef __cplusplus
 extern "C" {
@@ -365,6 +400,55 @@ size_t tessera_memory_snapshot_pickle(int device, uint8_t *buf, size_t len);
  * `conf` is NULL or a NUL-terminated string.
  */
 int tessera_configure(const char *conf);
+
+/**
+ * Starts routing the allocations on `device` whose stream `filter` accepts to the private pool
+ * `(id_first, id_second)` (PyTorch's `MempoolId_t`), creating the pool or adding a use to it:
+ * PyTorch's `beginAllocateToPool`, called before a CUDA graph capture begins. Until
+ * `tessera_end_allocate_to_pool`, no device unmaps, releases or queries events (each would
+ * invalidate the capture), and the pool's memory serves only the pool until
+ * `tessera_release_pool` drops its last use. If several routes are open, the first whose
+ * filter accepts a stream takes it.
+ *
+ * tessera owns `ctx` from this call on: `drop_ctx` (if not NULL) is called with it once, when the
+ * route ends, or before this function returns if it fails. Returns 0, or an error code:
+ * `TESSERA_ERROR_PRIVATE_POOL` when the pool is already routed to, or the id is (0, 0).
+ *
+ * # Safety
+ * `filter` may be called with `ctx` and a stream, and `drop_ctx` with `ctx`, from any thread
+ * with tessera's device lock held: neither may call tessera, throw or unwind.
+ */
+int tessera_begin_allocate_to_pool(int device, uint64_t id_first, uint64_t id_second, tessera_stream_filter filter, void *ctx, tessera_filter_drop drop_ctx);
+
+/**
+ * Stops routing allocations to the private pool: PyTorch's `endAllocateToPool`, called after
+ * the capture ends. The route's filter context is dropped. Returns 0, or
+ * `TESSERA_ERROR_PRIVATE_POOL` when nothing is routed to that pool.
+ */
+int tessera_end_allocate_to_pool(int device, uint64_t id_first, uint64_t id_second);
+
+/**
+ * Drops a use of the private pool: PyTorch's `releasePool`, called when a graph is destroyed.
+ * At zero uses its free memory joins the ordinary cache, and its live allocations do when freed.
+ * Returns 0, or `TESSERA_ERROR_PRIVATE_POOL` for a pool with no use left (or the last use of a
+ * pool still routed to).
+ */
+int tessera_release_pool(int device, uint64_t id_first, uint64_t id_second);
+
+/**
+ * The address of the C++ function PyTorch's `torch._C._CUDAPluggableAllocator` setter `setter`
+ * takes: `"set_begin_allocate_to_pool"` (a `void(int, MempoolId_t,
+ * std::function<bool(cudaStream_t)>)`), `"set_end_allocate_to_pool_fn"` or `"set_release_pool"`
+ * (each a `void(int, MempoolId_t)`). PyTorch's binding `reinterpret_cast`s the address to that
+ * type and calls it; the function forwards to `tessera_begin_allocate_to_pool` (taking the
+ * filter over), `tessera_end_allocate_to_pool` or `tessera_release_pool`, and throws a C++
+ * `std::runtime_error` with tessera's message when that fails. NULL and
+ * `TESSERA_ERROR_INVALID_ARGUMENT` for any other name.
+ *
+ * # Safety
+ * `setter` is NULL or a NUL-terminated string.
+ */
+const void *tessera_torch_graph_hook(const char *setter);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -12,12 +12,12 @@
 //! device lock held). Hooks are copied out of their lock before they run, and run with no lock held.
 
 use crate::config::Config;
-use crate::device::DeviceAllocator;
+use crate::device::{CaptureFilter, DeviceAllocator, MempoolId};
 use crate::driver::{DevicePtr, Driver, Stream};
 use crate::error::{Error, Result};
 use crate::hooks::{HookId, Hooks};
 use crate::stats::{Snapshot, Stats};
-use crate::sync::{Arc, Mutex, RwLock};
+use crate::sync::{Arc, AtomicUsize, Mutex, RwLock};
 use crate::trace_log::{TraceLog, TRACE_ENV_VAR};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -71,6 +71,9 @@ pub struct Tessera {
     init: Mutex<()>,
     address_map: Arc<AddressMap>,
     hooks: Arc<Hooks>,
+    /// Routes to private pools open on any device (CUDA graphs): while it is non-zero a capture
+    /// may be underway, and no device makes a call that would invalidate it (`device/graphs.rs`).
+    captures: Arc<AtomicUsize>,
     /// Where every allocation and free is logged (`TESSERA_TRACE`, [`Tessera::trace_to`]).
     trace: OnceLock<TraceLog>,
 }
@@ -120,6 +123,7 @@ impl Tessera {
             init: Mutex::new(()),
             address_map: Arc::new(AddressMap::default()),
             hooks: Arc::new(Hooks::default()),
+            captures: Arc::new(AtomicUsize::new(0)),
             trace: OnceLock::new(),
         })
     }
@@ -214,6 +218,7 @@ impl Tessera {
             &self.config,
             Arc::clone(&self.address_map),
             Arc::clone(&self.hooks),
+            Arc::clone(&self.captures),
         )?;
         Ok(cell.get_or_init(|| Arc::new(d)))
     }
@@ -260,12 +265,12 @@ impl Tessera {
         let dev = self.address_map.device_of(ptr)?;
         let st = self.device(dev).ok()?.state.lock();
         st.allocation(ptr)
-            .map(|(base, size, requested, stream)| Allocation {
+            .map(|(base, size, requested, owner)| Allocation {
                 device: dev,
                 base,
                 size,
                 requested,
-                stream,
+                stream: owner.stream,
             })
     }
 
@@ -364,6 +369,49 @@ impl Tessera {
     /// Every segment and block of `device` now, with its statistics.
     pub fn snapshot(&self, device: usize) -> Result<Snapshot> {
         Ok(self.device(device)?.state.lock().snapshot())
+    }
+
+    /// Starts routing allocations on `device` whose stream `filter` accepts to the private pool
+    /// `id` (CUDA graphs: PyTorch's `beginAllocateToPool`, called before a capture begins),
+    /// creating the pool or adding a use to it (graphs share a pool through `pool=`).
+    ///
+    /// Until [`Tessera::end_allocate_to_pool`], a capture may be underway: no device of this
+    /// allocator records, queries or waits for an event, unmaps or frees, and its driver
+    /// allocations run in relaxed capture mode, so that the capture stays valid. The pool's memory
+    /// serves only the pool until [`Tessera::release_pool`] drops its last use. `filter` runs
+    /// under the device lock: it must not call tessera.
+    pub fn begin_allocate_to_pool(
+        &self,
+        device: usize,
+        id: MempoolId,
+        filter: CaptureFilter,
+    ) -> Result<()> {
+        let d = self.device(device)?;
+        let mut st = d.state.lock();
+        let r = st.begin_pool(id, filter);
+        st.checked();
+        r
+    }
+
+    /// Stops routing allocations to the private pool `id` (PyTorch's `endAllocateToPool`, called
+    /// after the capture ends). The pool keeps its memory and uses.
+    pub fn end_allocate_to_pool(&self, device: usize, id: MempoolId) -> Result<()> {
+        let d = self.device(device)?;
+        let mut st = d.state.lock();
+        let r = st.end_pool(id);
+        st.checked();
+        r
+    }
+
+    /// Drops a use of the private pool `id` (PyTorch's `releasePool`, called when a graph is
+    /// destroyed). At zero uses its free memory joins the ordinary cache at once, and its live
+    /// allocations join it when freed.
+    pub fn release_pool(&self, device: usize, id: MempoolId) -> Result<()> {
+        let d = self.device(device)?;
+        let mut st = d.state.lock();
+        let r = st.release_pool(id);
+        st.checked();
+        r
     }
 
     /// Checks every invariant of `device`; the message names the first broken one.

@@ -57,6 +57,10 @@ pub enum Error {
     /// An operation that the configuration or the device does not support.
     #[error("unsupported: {0}")]
     Unsupported(String),
+    /// A CUDA-graph pool call out of order: routing to a pool twice, ending a route that is not
+    /// open, releasing a pool that has no use left.
+    #[error("private pool: {0}")]
+    PrivatePool(String),
 }
 
 fn dev_suffix(device: Option<usize>) -> String {
@@ -113,6 +117,9 @@ pub struct OomReport {
     pub driver_error: Option<String>,
     /// Whether the backend can remap free pages (VMM) or not (legacy segments).
     pub remapping: bool,
+    /// Whether a CUDA-graph capture was underway and kept tessera from waiting for streams,
+    /// stealing free pages and releasing its cache (each would have invalidated the capture).
+    pub capture_underway: bool,
 }
 
 impl fmt::Display for OomReport {
@@ -151,6 +158,14 @@ impl fmt::Display for OomReport {
         if let Some(e) = &self.driver_error {
             write!(f, " The driver said: {e}.")?;
         }
+        if self.capture_underway {
+            write!(
+                f,
+                " A CUDA graph capture was underway: tessera could not wait for streams, remap \
+                 free pages or release its cache without invalidating it, so only new memory and \
+                 the capture's own pool could serve the request."
+            )?;
+        }
         write!(f, " Hint: {}", self.hint())
     }
 }
@@ -159,7 +174,10 @@ impl OomReport {
     /// What the user can do, chosen from the figures.
     pub fn hint(&self) -> &'static str {
         let ceiling = self.limit.unwrap_or(self.capacity).min(self.capacity);
-        if self.requested > ceiling {
+        if self.capture_underway && self.requested <= ceiling && self.cached_free >= self.requested
+        {
+            "the cache holds enough free memory, but a capture forbids remapping it; call empty_cache() right before the capture (so that it can map new pages) or capture a smaller graph."
+        } else if self.requested > ceiling {
             "the request alone is larger than the device or the limit; split it or use a larger device."
         } else if self.device_free.is_none() {
             "the driver could not say what is free (see its error above); the device may be unusable."

@@ -40,12 +40,15 @@ pub(crate) use allocator::AddressMap;
 pub use allocator::{Allocation, Tessera};
 pub use buffer::{CudaBuffer, DeviceBuffer, DeviceCopy, DeviceRepr};
 pub use config::{Backend, Config};
+pub use device::{CaptureFilter, MempoolId};
 pub use error::{Error, OomReport, Result};
 #[cfg(not(loom))]
 pub use global::{configure_global, global};
 pub(crate) use hooks::Hooks;
 pub use hooks::{HookId, OomHook};
-pub use stats::{BlockInfo, BlockStateInfo, SegmentInfo, SegmentKind, Snapshot, Stats};
+pub use stats::{
+    BlockInfo, BlockStateInfo, PrivatePoolStats, SegmentInfo, SegmentKind, Snapshot, Stats,
+};
 pub use trace_log::TRACE_ENV_VAR;
 
 /// The README's examples, compiled and run as doctests.

@@ -5,6 +5,7 @@
 //! (cached free, largest free range, stranded) computed at read time. [`Snapshot`] lists every
 //! segment and block, for debugging and for PyTorch's `memory_snapshot()`.
 
+use crate::device::MempoolId;
 use crate::driver::{DevicePtr, Stream};
 #[cfg(feature = "serde")]
 use serde::Serialize;
@@ -136,6 +137,31 @@ pub struct Stats {
     /// The device's page size in bytes ([`Config::page_size`](crate::Config::page_size), or the
     /// driver's granularity).
     pub page_size: u64,
+    /// Whether a CUDA-graph capture may be underway (an allocation is being routed to a private
+    /// pool on some device of this allocator): until it ends, tessera unmaps, releases and waits
+    /// for nothing.
+    pub capture_underway: bool,
+    /// The private pools of CUDA graphs with uses left, by id. Their bytes are part of the
+    /// figures above.
+    pub private_pools: Vec<PrivatePoolStats>,
+}
+
+/// One private pool (CUDA graphs) in [`Stats`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+pub struct PrivatePoolStats {
+    /// The pool's id (PyTorch's `MempoolId_t`).
+    pub id: MempoolId,
+    /// Graphs (or captures) holding it: at zero its memory joins the ordinary cache.
+    pub uses: u32,
+    /// Whether allocations are routed to it now (a capture into it is underway).
+    pub routed: bool,
+    /// Bytes in its live allocations.
+    pub allocated_bytes: u64,
+    /// Bytes of its blocks and granules, live or free: memory only it may use.
+    pub held_bytes: u64,
+    /// Its live allocations.
+    pub active_blocks: u64,
 }
 
 /// What a block in a snapshot is.
@@ -166,6 +192,8 @@ pub struct BlockInfo {
     pub state: BlockStateInfo,
     /// The stream it was allocated on (a free block: the stream that last used it).
     pub stream: Stream,
+    /// The private pool (CUDA graphs) it belongs to; `None`: the ordinary cache.
+    pub pool: Option<MempoolId>,
 }
 
 /// What a segment in a snapshot is.
@@ -193,6 +221,10 @@ pub struct SegmentInfo {
     pub kind: SegmentKind,
     /// The stream of its first block (large and legacy segments) or of its granule (small).
     pub stream: Stream,
+    /// The private pool all its blocks belong to (a small granule: its pool); `None` when that
+    /// is the ordinary cache, or when its blocks belong to several pools (a large run of pages
+    /// can hold blocks of several: see each block's `pool`).
+    pub pool: Option<MempoolId>,
     /// Its blocks in address order: every block of a large or legacy segment, the allocated and
     /// pending slots of a small one.
     pub blocks: Vec<BlockInfo>,

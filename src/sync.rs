@@ -1,8 +1,8 @@
-//! Locks and atomics for the whole crate, in one place.
+//! Locks, atomics and thread ids for the whole crate, in one place.
 //!
 //! Under `cfg(loom)` these are loom's model-checked types; otherwise `parking_lot`'s locks and
-//! `std`'s atomics. Nothing else in the crate names a lock or atomic type directly, so a loom model
-//! sees the allocator's synchronisation (the pattern of tokio's `src/loom/`). The exceptions:
+//! `std`'s atomics and thread ids. Nothing else in the crate names a lock, atomic or thread id type
+//! directly, so a loom model sees the allocator's synchronisation (and tells its threads apart) (the pattern of tokio's `src/loom/`). The exceptions:
 //! `std::sync::OnceLock` (loom 0.7 has none), which publishes each device's allocator and the trace
 //! log once (its initialisation is serialised by a shim lock, and it never blocks afterwards), and
 //! the process-wide allocator's `std` locks in `global.rs`, which a loom build leaves out.
@@ -21,6 +21,26 @@ pub(crate) use std::sync::Arc;
 pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 #[cfg(loom)]
 pub(crate) use loom::sync::Arc;
+
+/// A thread's id (the simulated driver keeps stream captures and capture modes per thread). loom
+/// runs a model's threads on one OS thread, so `std`'s id would be the same for all of them;
+/// loom's `ThreadId` (`Copy`, `Eq`, `Hash`, `Debug`, as `std`'s) names each model thread.
+#[cfg(not(loom))]
+pub(crate) type ThreadId = std::thread::ThreadId;
+#[cfg(loom)]
+pub(crate) type ThreadId = loom::thread::ThreadId;
+
+/// The calling thread's [`ThreadId`]. Under loom it must be called inside a model.
+#[cfg(not(loom))]
+pub(crate) fn current_thread_id() -> ThreadId {
+    std::thread::current().id()
+}
+
+/// The calling thread's [`ThreadId`]. Under loom it must be called inside a model.
+#[cfg(loom)]
+pub(crate) fn current_thread_id() -> ThreadId {
+    loom::thread::current().id()
+}
 
 /// `thread_local!` for the crate's per-thread flags (the running hook, the in-hook flag), used as
 /// `crate::sync::thread_local!`. Outside loom it is `std`'s macro, unchanged. loom runs a model's

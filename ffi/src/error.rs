@@ -49,6 +49,9 @@ pub const TESSERA_ERROR_UNSUPPORTED: c_int = 8;
 pub const TESSERA_ERROR_INVALID_ARGUMENT: c_int = 9;
 /// A bug in tessera (a Rust panic, caught at the boundary).
 pub const TESSERA_ERROR_INTERNAL: c_int = 10;
+/// A CUDA-graph pool call out of order: routing to a pool twice, ending a route that is not open,
+/// releasing a pool that has no use left.
+pub const TESSERA_ERROR_PRIVATE_POOL: c_int = 11;
 
 /// A failure on its way out through the C ABI.
 #[derive(Debug)]
@@ -81,6 +84,7 @@ impl From<Error> for FfiError {
             Error::Config(_) => TESSERA_ERROR_CONFIG,
             Error::Driver(_) => TESSERA_ERROR_DRIVER,
             Error::Unsupported(_) => TESSERA_ERROR_UNSUPPORTED,
+            Error::PrivatePool(_) => TESSERA_ERROR_PRIVATE_POOL,
         };
         FfiError::new(code, e.to_string())
     }

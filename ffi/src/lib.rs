@@ -27,14 +27,19 @@
 compile_error!("tessera-ffi must be built with panic = \"unwind\"");
 
 mod error;
+mod graphs;
 mod stats;
 
 use error::{guard, status, FfiError, FfiResult};
 pub use error::{
     TESSERA_ERROR_CONFIG, TESSERA_ERROR_DOUBLE_FREE, TESSERA_ERROR_DRIVER, TESSERA_ERROR_INTERNAL,
     TESSERA_ERROR_INVALID_ARGUMENT, TESSERA_ERROR_INVALID_DEVICE, TESSERA_ERROR_INVALID_SIZE,
-    TESSERA_ERROR_OUT_OF_MEMORY, TESSERA_ERROR_UNKNOWN_POINTER, TESSERA_ERROR_UNSUPPORTED,
-    TESSERA_OK,
+    TESSERA_ERROR_OUT_OF_MEMORY, TESSERA_ERROR_PRIVATE_POOL, TESSERA_ERROR_UNKNOWN_POINTER,
+    TESSERA_ERROR_UNSUPPORTED, TESSERA_OK,
+};
+pub use graphs::{
+    tessera_begin_allocate_to_pool, tessera_end_allocate_to_pool, tessera_filter_drop,
+    tessera_release_pool, tessera_stream_filter, tessera_torch_graph_hook,
 };
 pub use stats::tessera_stats;
 use std::ffi::{c_char, c_double, c_int, c_void, CStr};

@@ -66,6 +66,14 @@ pub struct tessera_stats {
     /// Requests that released the cache to the driver and retried before succeeding or failing
     /// (PyTorch's `num_alloc_retries`).
     pub alloc_retries: u64,
+    /// 1 while a CUDA-graph capture may be underway (an allocation is routed to a private pool
+    /// on some device): tessera then unmaps, releases and waits for nothing. Else 0.
+    pub capture_underway: u64,
+    /// Private pools of CUDA graphs with uses left on the device, and the bytes of their blocks
+    /// (live or free: memory only they may use) and of their live allocations.
+    pub private_pools: u64,
+    pub private_pool_held_bytes: u64,
+    pub private_pool_allocated_bytes: u64,
 }
 
 impl tessera_stats {
@@ -99,6 +107,10 @@ impl tessera_stats {
             limit_bytes: s.limit_bytes.unwrap_or(super::TESSERA_NO_LIMIT),
             page_size: s.page_size,
             alloc_retries: s.alloc_retries,
+            capture_underway: u64::from(s.capture_underway),
+            private_pools: s.private_pools.len() as u64,
+            private_pool_held_bytes: s.private_pools.iter().map(|p| p.held_bytes).sum(),
+            private_pool_allocated_bytes: s.private_pools.iter().map(|p| p.allocated_bytes).sum(),
         }
     }
 }

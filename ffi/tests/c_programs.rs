@@ -1,12 +1,14 @@
 //! The C ABI from C and C++: compiles `tests/c/abi_test.c` and `tests/c/teardown_test.c` (gcc,
-//! C11) and `tests/c/torch_malloc_test.cpp` (g++, C++17) against `include/tessera.h`, links them to
+//! C11) and `tests/c/torch_malloc_test.cpp` and `tests/c/graph_hooks_test.cpp` (g++, C++17: the
+//! CUDA-graph hooks called as PyTorch's binding calls them) against `include/tessera.h`, links them to
 //! the `libtessera.so` of this build, and runs them on the simulated device. Each program checks
 //! real behaviour (patterns in every live allocation, exact stats, error codes, bad input at every
 //! entry point, calls during process and thread teardown, the C++ exception) and exits non-zero
 //! with a message at its failures; this test prints that output and fails.
 //!
 //! # Under valgrind
-//! [`valgrind_memcheck_finds_nothing_in_the_c_programs`] runs `abi_test` and `teardown_test` under
+//! [`valgrind_memcheck_finds_nothing_in_the_c_programs`] runs `abi_test`, `teardown_test` and
+//! `graph_hooks_test` under
 //! valgrind's memcheck: no invalid access, no use of uninitialised memory, and nothing definitely
 //! or indirectly lost at exit (memory the allocator still holds at exit is reachable from its
 //! statics by design, and is not a leak). Without valgrind on PATH (or `VALGRIND=/path`) the test
@@ -292,6 +294,19 @@ fn torch_malloc_test() -> &'static Path {
     })
 }
 
+fn graph_hooks_test() -> &'static Path {
+    static EXE: OnceLock<PathBuf> = OnceLock::new();
+    EXE.get_or_init(|| {
+        compile(
+            "CXX",
+            "g++",
+            "-std=c++17",
+            "tests/c/graph_hooks_test.cpp",
+            "graph_hooks_test",
+        )
+    })
+}
+
 /// Runs a compiled program on the simulated device: (status, stdout, stderr).
 fn run_on_sim(exe: &Path, sim: &str) -> (ExitStatus, String, String) {
     run_on_sim_with(Command::new(exe), exe, sim, &[])
@@ -339,6 +354,11 @@ fn c_abi_test_passes_on_the_simulated_device() {
 #[test]
 fn cpp_torch_malloc_test_passes_on_the_simulated_device() {
     assert_passes(torch_malloc_test(), "torch_malloc_test: OK");
+}
+
+#[test]
+fn cpp_graph_hooks_called_as_pytorch_calls_them_pass_on_the_simulated_device() {
+    assert_passes(graph_hooks_test(), "graph_hooks_test: OK");
 }
 
 /// The harness sees a failing program: on a machine unlike the one it expects, abi_test must
@@ -587,8 +607,8 @@ fn valgrind_memcheck_finds_nothing_in_the_c_programs() {
         );
         return;
     };
-    // Compile (and build the library) before the clock starts, and run the two at once.
-    let (abi, teardown) = (abi_test(), teardown_test());
+    // Compile (and build the library) before the clock starts, and run them at once.
+    let (abi, teardown, graphs) = (abi_test(), teardown_test(), graph_hooks_test());
     let trace = fresh_trace_path("teardown-valgrind.trace");
     let teardown_run = std::thread::scope(|scope| {
         let t = scope.spawn(|| {
@@ -600,12 +620,19 @@ fn valgrind_memcheck_finds_nothing_in_the_c_programs() {
                 "teardown_test: OK",
             )
         });
+        // The std::function filters handed over and destroyed across the boundary.
+        let g = scope.spawn(|| memcheck(&valgrind, graphs, SIM, &[], "graph_hooks_test: OK"));
         let abi_run = memcheck(&valgrind, abi, SIM, &[], "abi_test: OK");
-        (abi_run, t.join())
+        (abi_run, t.join(), g.join())
     });
-    let (abi_run, teardown_run) = teardown_run;
+    let (abi_run, teardown_run, graphs_run) = teardown_run;
     let teardown_run = teardown_run.unwrap_or_else(|e| std::panic::resume_unwind(e));
-    for (name, (summary, took)) in [("abi_test", abi_run), ("teardown_test", teardown_run)] {
+    let graphs_run = graphs_run.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    for (name, (summary, took)) in [
+        ("abi_test", abi_run),
+        ("teardown_test", teardown_run),
+        ("graph_hooks_test", graphs_run),
+    ] {
         println!(
             "valgrind {name} ({:.1} s): {}",
             took.as_secs_f64(),

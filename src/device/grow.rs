@@ -8,16 +8,26 @@
 //!    mapped at the end of a free block followed by unmapped space when one exists, else at fresh
 //!    holes. The legacy backend asks `cuMemAlloc` for a new segment instead.
 //!
+//! Memory moves between streams only inside one pool (`Owner`): the ordinary cache, or a private
+//! pool of CUDA graphs. Only ordinary memory is ever unmapped, stolen or released; a private
+//! pool's pages stay where they are until it has no use left (`graphs.rs`).
+//!
+//! While a capture may be underway (`capturing()`), nothing here records, queries or waits for an
+//! event, unmaps or frees: only the page pool and new memory serve a miss, and the driver calls
+//! that allocate (`cuMemAddressReserve`, `cuMemCreate`, `cuMemMap`, `cuMemSetAccess`,
+//! `cuMemAlloc`) run in relaxed capture mode, as PyTorch runs `cudaMalloc` during a capture.
+//!
 //! Nothing here waits on the GPU unless told to (`wait`); nothing here drops the device lock.
 //! Every driver failure leaves the state consistent: pages obtained but not placed go back to the
 //! pool, and a block is carved only around pages whose unmap succeeded.
 
 use super::DeviceState;
 use crate::config::Backend;
-use crate::driver::{DevicePtr, DriverError, Stream};
+use crate::driver::{CaptureMode, DevicePtr, DriverError, Stream};
 use crate::error::Error;
 use crate::pages::{PageId, RangeKind};
 use crate::pool::large::BlockState;
+use crate::pool::{Owner, ORDINARY};
 use crate::sync::Arc;
 use std::collections::HashMap;
 
@@ -49,7 +59,7 @@ impl DeviceState {
         &mut self,
         rounded: u64,
         requested: u64,
-        stream: Stream,
+        owner: Owner,
         wait: bool,
     ) -> Slow<DevicePtr> {
         // Parked frees join the pools when their streams are done. A fence that cannot be had
@@ -60,47 +70,64 @@ impl DeviceState {
         } else if let Err(e) = self.settle_pending(false) {
             self.c.note_driver_error(&e);
         }
-        if let Some(p) = self.try_cached(rounded, requested, stream) {
+        if let Some(p) = self.try_cached(rounded, requested, owner) {
             return Ok(p);
         }
         if rounded <= self.small_max {
-            self.small_slow(rounded, requested, stream)
+            self.small_slow(rounded, requested, owner)
         } else {
-            self.large_slow(rounded, requested, stream)
+            self.large_slow(rounded, requested, owner)
         }
     }
 
-    fn small_slow(&mut self, rounded: u64, requested: u64, stream: Stream) -> Slow<DevicePtr> {
+    /// Runs driver calls that allocate: in relaxed capture mode while a capture may be underway
+    /// (so that they neither fail nor invalidate it), as they are otherwise.
+    fn allocating<T>(&mut self, f: impl FnOnce(&mut Self) -> Slow<T>) -> Slow<T> {
+        if !self.capturing() {
+            return f(self);
+        }
+        let drv = Arc::clone(&self.drv);
+        let old = drv.exchange_capture_mode(CaptureMode::Relaxed)?;
+        let r = f(self);
+        if let Err(e) = drv.exchange_capture_mode(old) {
+            // The thread stays relaxed: nothing tessera does is wrong for that, but say so.
+            self.c.note_driver_error(&e);
+        }
+        r
+    }
+
+    fn small_slow(&mut self, rounded: u64, requested: u64, owner: Owner) -> Slow<DevicePtr> {
         let class = self.small.classes.class_of(rounded);
-        if !self.small.grow(stream, class) {
-            self.adopt_empty_granule(stream)?;
-            if !self.small.grow(stream, class) {
-                self.new_granule(stream)?;
-                let grown = self.small.grow(stream, class);
+        if !self.small.grow(owner, class) {
+            self.adopt_empty_granule(owner)?;
+            if !self.small.grow(owner, class) {
+                self.new_granule(owner)?;
+                let grown = self.small.grow(owner, class);
                 debug_assert!(grown, "a fresh granule holds a run of every class");
             }
         }
         let ptr = self
             .small
-            .alloc(stream, class, requested)
+            .alloc(owner, class, requested)
             .expect("a fresh run has a free slot");
         self.c
             .note_alloc(self.small.classes.sizes[class], requested);
         Ok(ptr)
     }
 
-    /// Gives `stream` an empty granule of another stream whose work on it is done, if any.
-    fn adopt_empty_granule(&mut self, stream: Stream) -> Slow<()> {
+    /// Gives `owner` an empty granule of another stream of its pool whose work on it is done, if
+    /// any.
+    fn adopt_empty_granule(&mut self, owner: Owner) -> Slow<()> {
         self.small.reclaim_idle_runs(None);
         let candidates: Vec<(DevicePtr, Stream, u64)> = self
             .small
             .empty_granules()
-            .filter(|g| g.stream != stream)
-            .map(|g| (g.base, g.stream, g.free_seq))
+            .filter(|g| g.owner.pool == owner.pool && g.owner != owner)
+            .map(|g| (g.base, g.owner.stream, g.free_seq))
             .collect();
         for (base, s, seq) in candidates {
             if self.settle_fence(s, seq)? {
-                self.small.retag_granule(base, stream);
+                self.small.retag_granule(base, owner);
                 return Ok(());
             }
         }
@@ -109,9 +136,13 @@ impl DeviceState {
 
     /// Whether the work of `stream` up to free `seq` is done; records and queries a fence if
     /// needed. A fence that cannot be had means "not known to be done" (the error is counted).
+    /// During a capture only what is already known counts.
     fn settle_fence(&mut self, stream: Stream, seq: u64) -> Slow<bool> {
         if self.fences.is_settled(stream, seq) {
             return Ok(true);
+        }
+        if self.capturing() {
+            return Ok(false);
         }
         let drv = Arc::clone(&self.drv);
         if let Err(e) = self.fences.request(&*drv, self.dev, stream, seq) {
@@ -124,8 +155,11 @@ impl DeviceState {
     }
 
     /// Waits for every stream holding freed memory back (free blocks, empty granules, parked
-    /// frees), then moves the parked frees into the pools.
+    /// frees), then moves the parked frees into the pools. Nothing during a capture.
     pub(crate) fn wait_for_streams(&mut self) -> std::result::Result<(), DriverError> {
+        if self.capturing() {
+            return Ok(());
+        }
         self.request_all_fences();
         // Requests the parked frees' fences too, and waits for every outstanding one.
         self.settle_pending(true)
@@ -135,6 +169,9 @@ impl DeviceState {
     /// Best effort, per stream: one stream whose event cannot be recorded or queried (destroyed
     /// after use, say) keeps its own memory back, not everyone's; the error is counted.
     pub(crate) fn refresh_fences(&mut self) {
+        if self.capturing() {
+            return;
+        }
         self.request_all_fences();
         if let Err(e) = self.fences.poll(&*Arc::clone(&self.drv), self.dev) {
             self.c.note_driver_error(&e);
@@ -142,16 +179,20 @@ impl DeviceState {
     }
 
     /// Records a fence on every stream that has freed memory not yet known to be done (best
-    /// effort, per stream; errors counted).
+    /// effort, per stream; errors counted). Nothing during a capture.
     pub(crate) fn request_all_fences(&mut self) {
+        if self.capturing() {
+            return;
+        }
         let drv = Arc::clone(&self.drv);
         // One fence per stream, covering its latest free.
         let mut need: HashMap<Stream, u64> = HashMap::new();
         let blocks = self
             .large
             .free_blocks()
-            .map(|(_, b)| (b.stream, b.free_seq));
-        for (s, seq) in blocks.chain(self.small.granules().map(|g| (g.stream, g.free_seq))) {
+            .map(|(_, b)| (b.owner.stream, b.free_seq));
+        let granules = self.small.granules().map(|g| (g.owner.stream, g.free_seq));
+        for (s, seq) in blocks.chain(granules) {
             let e = need.entry(s).or_default();
             *e = (*e).max(seq);
         }
@@ -164,64 +205,60 @@ impl DeviceState {
         }
     }
 
-    /// A new granule for the small pool of `stream`.
-    fn new_granule(&mut self, stream: Stream) -> Slow<()> {
+    /// A new granule for the small pool of `owner`.
+    fn new_granule(&mut self, owner: Owner) -> Slow<()> {
         let ps = self.page_size;
         if self.backend == Backend::Legacy {
             let base = self.new_legacy_segment(ps)?;
-            self.small.add_granule(base, None, stream);
+            self.small.add_granule(base, None, owner);
             return Ok(());
         }
         let va = self.find_holes(RangeKind::Small, 1)?;
         let pages = self.obtain_pages(1, None)?;
         self.map_pages(va, &pages)?;
-        self.small.add_granule(va, Some(pages[0]), stream);
+        self.small.add_granule(va, Some(pages[0]), owner);
         Ok(())
     }
 
-    fn large_slow(&mut self, rounded: u64, requested: u64, stream: Stream) -> Slow<DevicePtr> {
-        // A free block of another stream, once that stream's work on it is done.
-        for addr in self.large.other_stream_fits(stream, rounded) {
+    fn large_slow(&mut self, rounded: u64, requested: u64, owner: Owner) -> Slow<DevicePtr> {
+        // A free block of another stream of the pool, once that stream's work on it is done.
+        for addr in self.large.other_stream_fits(owner, rounded) {
             let b = self.large.get(addr).expect("listed block");
-            if self.settle_fence(b.stream, b.free_seq)? {
-                let at = self.large.retag(addr, stream);
-                return Ok(self.hand_out(at, rounded, requested, stream));
+            if self.settle_fence(b.owner.stream, b.free_seq)? {
+                let at = self.large.retag(addr, owner);
+                return Ok(self.hand_out(at, rounded, requested, owner));
             }
         }
         let at = if self.backend == Backend::Legacy {
             let seg = rounded.div_ceil(self.page_size) * self.page_size;
             let base = self.new_legacy_segment(seg)?;
-            self.large.insert_free(base, seg, stream, 0, base)
+            self.large.insert_free(base, seg, owner, 0, base)
         } else {
-            self.grow_large(rounded, stream)?
+            self.grow_large(rounded, owner)?
         };
-        Ok(self.hand_out(at, rounded, requested, stream))
+        Ok(self.hand_out(at, rounded, requested, owner))
     }
 
-    fn hand_out(
-        &mut self,
-        at: DevicePtr,
-        rounded: u64,
-        requested: u64,
-        stream: Stream,
-    ) -> DevicePtr {
-        self.large.allocate_at(at, rounded, requested, stream);
+    fn hand_out(&mut self, at: DevicePtr, rounded: u64, requested: u64, owner: Owner) -> DevicePtr {
+        self.large.allocate_at(at, rounded, requested, owner);
         self.c.note_alloc(rounded, requested);
         at
     }
 
-    /// Maps new pages so that a free block of `stream` holds `size` bytes; returns its address.
-    fn grow_large(&mut self, size: u64, stream: Stream) -> Slow<DevicePtr> {
+    /// Maps new pages so that a free block of `owner` holds `size` bytes; returns its address.
+    fn grow_large(&mut self, size: u64, owner: Owner) -> Slow<DevicePtr> {
         let ps = self.page_size;
-        // Prefer extending a free block (ours, or another stream's whose work is done) that ends
-        // where unmapped space begins: fewer pages, and it reuses the block's bytes.
+        // Prefer extending a free block (ours, or another stream's of our pool whose work is done)
+        // that ends where unmapped space begins: fewer pages, and it reuses the block's bytes.
         let mut best: Option<(DevicePtr, u64)> = None;
         for (a, b) in self.large.free_blocks() {
             let end = a + b.size;
             if end % ps != 0 || b.size >= size || best.is_some_and(|(_, s)| s >= b.size) {
                 continue;
             }
-            if b.stream != stream && !self.fences.is_settled(b.stream, b.free_seq) {
+            if b.owner.pool != owner.pool
+                || (b.owner != owner && !self.fences.is_settled(b.owner.stream, b.free_seq))
+            {
                 continue;
             }
             let need = (size - b.size).div_ceil(ps) as usize;
@@ -242,11 +279,11 @@ impl DeviceState {
             // Gathering pages neither merged nor carved the block being extended (`keep_end`), so
             // it is still there, free, and ours or another stream's whose work on it is done.
             debug_assert_eq!(self.large.free_block_ending_at(va), Some(a));
-            if self.large.get(a).is_some_and(|b| b.stream != stream) {
-                self.large.retag(a, stream);
+            if self.large.get(a).is_some_and(|b| b.owner != owner) {
+                self.large.retag(a, owner);
             }
         }
-        let at = self.large.insert_free(va, count as u64 * ps, stream, 0, 0);
+        let at = self.large.insert_free(va, count as u64 * ps, owner, 0, 0);
         if self.large.get(at).is_none_or(|b| b.size < size) {
             // Cannot happen (see above); if it did, the new pages stay cached as a free block.
             debug_assert!(false, "extended block at {at:#x} is smaller than {size}");
@@ -259,9 +296,8 @@ impl DeviceState {
     /// needed.
     fn find_holes(&mut self, kind: RangeKind, count: usize) -> Slow<DevicePtr> {
         let before = self.pages.ranges.len();
-        let va = self
-            .pages
-            .find_holes(&*Arc::clone(&self.drv), self.dev, kind, count)?;
+        let drv = Arc::clone(&self.drv);
+        let va = self.allocating(|st| Ok(st.pages.find_holes(&*drv, st.dev, kind, count)?))?;
         if self.pages.ranges.len() != before {
             let r = self.pages.range_of(va).expect("new range");
             let range = &self.pages.ranges[r];
@@ -273,9 +309,8 @@ impl DeviceState {
 
     fn map_pages(&mut self, va: DevicePtr, pages: &[PageId]) -> Slow<()> {
         // On error `map_run` has put the pages back (in the pool, or quarantined).
-        let remaps = self
-            .pages
-            .map_run(&*Arc::clone(&self.drv), self.dev, va, pages)?;
+        let drv = Arc::clone(&self.drv);
+        let remaps = self.allocating(|st| Ok(st.pages.map_run(&*drv, st.dev, va, pages)?))?;
         self.c.remaps += remaps;
         Ok(())
     }
@@ -294,18 +329,18 @@ impl DeviceState {
         let mut refused = None;
         let drv = Arc::clone(&self.drv);
         while got.len() < count && self.reserved() + self.page_size <= self.limit_bytes() {
-            match self.pages.create_page(&*drv, self.dev) {
+            match self.allocating(|st| Ok(st.pages.create_page(&*drv, st.dev)?)) {
                 Ok(p) => {
                     got.push(p);
                     self.c.note_reserved(self.reserved());
                 }
-                Err(e) if e.is_out_of_memory() => {
-                    refused = Some(e);
+                Err(Shortfall::NoMemory(e)) => {
+                    refused = e;
                     break;
                 }
                 Err(e) => {
                     self.pages.pool.extend(got);
-                    return Err(Shortfall::Fatal(e.into()));
+                    return Err(e);
                 }
             }
         }
@@ -325,7 +360,8 @@ impl DeviceState {
     /// Unmaps fully free pages whose work is done (from empty small granules, then from free large
     /// blocks, smallest first, never from the block ending at `keep_end`: the one being extended,
     /// found by its end because merges may move its start), at most `max`, into `out`.
-    /// Non-blocking.
+    /// Non-blocking. Only ordinary memory: a private pool's pages stay put while it has uses.
+    /// Nothing during a capture (an unmap would invalidate it).
     pub(crate) fn unmap_free_pages(
         &mut self,
         max: Option<usize>,
@@ -337,6 +373,9 @@ impl DeviceState {
         // `max` counts pages added here; `out` may already hold some.
         let target = max.map(|m| out.len() + m);
         let want = |out: &Vec<PageId>| target.is_none_or(|t| out.len() < t);
+        if self.capturing() {
+            return Ok(());
+        }
         self.small.reclaim_idle_runs(None);
         // Learn which streams are done with their freed memory (records and queries; no waiting).
         self.refresh_fences();
@@ -344,8 +383,8 @@ impl DeviceState {
         let granules: Vec<(DevicePtr, Stream, u64)> = self
             .small
             .empty_granules()
-            .filter(|g| g.page.is_some())
-            .map(|g| (g.base, g.stream, g.free_seq))
+            .filter(|g| g.page.is_some() && g.owner.pool == ORDINARY)
+            .map(|g| (g.base, g.owner.stream, g.free_seq))
             .collect();
         for (base, s, seq) in granules {
             if !want(out) {
@@ -361,7 +400,9 @@ impl DeviceState {
             .large
             .free_blocks()
             .filter(|&(a, b)| {
-                Some(a + b.size) != keep_end && self.fences.is_settled(b.stream, b.free_seq)
+                b.owner.pool == ORDINARY
+                    && Some(a + b.size) != keep_end
+                    && self.fences.is_settled(b.owner.stream, b.free_seq)
             })
             .filter(|&(a, b)| (a + b.size) / ps * ps > a.div_ceil(ps) * ps)
             .map(|(a, b)| (b.size, a))
@@ -395,7 +436,8 @@ impl DeviceState {
         Ok(())
     }
 
-    /// Merges address-adjacent free blocks of different streams once the work of both is done
+    /// Merges address-adjacent free blocks of different streams of one pool once the work of both
+    /// is done
     /// (either stream may have the memory then), so that pages straddling them count as fully free.
     /// The free block ending at `keep_end` (the one being extended) is left alone: merging it with
     /// a neighbour still busy on its own stream would hand that neighbour's memory to the
@@ -403,7 +445,7 @@ impl DeviceState {
     fn merge_settled_neighbours(&mut self, keep_end: Option<DevicePtr>) {
         let settled = |st: &Self, a: DevicePtr| {
             st.large.get(a).is_some_and(|b| {
-                b.state == BlockState::Free && st.fences.is_settled(b.stream, b.free_seq)
+                b.state == BlockState::Free && st.fences.is_settled(b.owner.stream, b.free_seq)
             })
         };
         let mut addrs: Vec<DevicePtr> = self.large.free_blocks().map(|(a, _)| a).collect();
@@ -412,19 +454,20 @@ impl DeviceState {
         while i + 1 < addrs.len() {
             let (a, next) = (addrs[i], addrs[i + 1]);
             let b = self.large.get(a).expect("free block");
-            let (end, stream, region) = (a + b.size, b.stream, b.region);
+            let (end, owner, region) = (a + b.size, b.owner, b.region);
             let nb = self.large.get(next).expect("free block");
             let protected = Some(end) == keep_end || Some(next + nb.size) == keep_end;
             if end == next
                 && !protected
                 && nb.region == region
-                && nb.stream != stream
+                && nb.owner.pool == owner.pool
+                && nb.owner != owner
                 && settled(self, a)
                 && settled(self, next)
             {
                 // The left block joins the right one's stream and merges with it (and with its
                 // own left neighbour, if that is of the same stream now).
-                let merged = self.large.retag(a, nb.stream);
+                let merged = self.large.retag(a, nb.owner);
                 addrs.remove(i + 1);
                 if i > 0 && addrs[i - 1] == merged {
                     addrs.remove(i);
@@ -443,7 +486,8 @@ impl DeviceState {
         if self.reserved() + size > self.limit_bytes() {
             return Err(Shortfall::NoMemory(None));
         }
-        let base = self.drv.alloc_legacy(self.dev, size)?;
+        let drv = Arc::clone(&self.drv);
+        let base = self.allocating(|st| Ok(drv.alloc_legacy(st.dev, size)?))?;
         self.legacy.insert(base, size);
         self.legacy_bytes += size;
         self.c.note_reserved(self.reserved());
@@ -452,8 +496,12 @@ impl DeviceState {
     }
 
     /// Gives every fully free page and segment whose work is done back to the driver; returns
-    /// the bytes released. Non-blocking: the caller waits first if it wants everything.
+    /// the bytes released. Non-blocking: the caller waits first if it wants everything. Only
+    /// ordinary memory; nothing during a capture (a release or `cuMemFree` would invalidate it).
     pub(crate) fn release_cache(&mut self) -> std::result::Result<u64, DriverError> {
+        if self.capturing() {
+            return Ok(0);
+        }
         let drv = Arc::clone(&self.drv);
         let dev = self.dev;
         let before = self.reserved();
@@ -466,7 +514,9 @@ impl DeviceState {
             let mut free_segments: Vec<DevicePtr> = self
                 .small
                 .empty_granules()
-                .filter(|g| self.fences.is_settled(g.stream, g.free_seq))
+                .filter(|g| {
+                    g.owner.pool == ORDINARY && self.fences.is_settled(g.owner.stream, g.free_seq)
+                })
                 .map(|g| g.base)
                 .collect();
             free_segments.extend(
@@ -474,7 +524,8 @@ impl DeviceState {
                     .free_blocks()
                     .filter(|&(a, b)| {
                         self.legacy.get(&a) == Some(&b.size)
-                            && self.fences.is_settled(b.stream, b.free_seq)
+                            && b.owner.pool == ORDINARY
+                            && self.fences.is_settled(b.owner.stream, b.free_seq)
                     })
                     .map(|(a, _)| a),
             );

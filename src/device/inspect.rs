@@ -5,11 +5,15 @@
 //! path.
 
 use super::DeviceState;
+use super::MempoolId;
 use crate::config::Backend;
 use crate::driver::{DevicePtr, Stream};
 use crate::pages::{RangeKind, Slot};
 use crate::pool::large::BlockState;
-use crate::stats::{BlockInfo, BlockStateInfo, SegmentInfo, SegmentKind, Snapshot, Stats};
+use crate::pool::{PoolTag, ORDINARY};
+use crate::stats::{
+    BlockInfo, BlockStateInfo, PrivatePoolStats, SegmentInfo, SegmentKind, Snapshot, Stats,
+};
 use std::collections::HashSet;
 
 impl DeviceState {
@@ -154,7 +158,63 @@ impl DeviceState {
             last_driver_error: c.last_driver_error.clone(),
             limit_bytes: (limit != u64::MAX).then_some(limit),
             page_size: self.page_size,
+            capture_underway: self.capturing(),
+            private_pools: self.private_pool_stats(),
         }
+    }
+
+    /// Each private pool's figures, by a walk over its blocks and granules.
+    fn private_pool_stats(&self) -> Vec<PrivatePoolStats> {
+        let mut out: Vec<(PoolTag, PrivatePoolStats)> = self
+            .graphs
+            .pools()
+            .into_iter()
+            .map(|p| {
+                let s = PrivatePoolStats {
+                    id: p.id,
+                    uses: p.uses,
+                    routed: p.routed,
+                    ..PrivatePoolStats::default()
+                };
+                (p.tag, s)
+            })
+            .collect();
+        if out.is_empty() {
+            return Vec::new();
+        }
+        fn of(
+            out: &mut [(PoolTag, PrivatePoolStats)],
+            tag: PoolTag,
+        ) -> Option<&mut PrivatePoolStats> {
+            out.iter_mut().find(|(t, _)| *t == tag).map(|(_, s)| s)
+        }
+        for b in self.large.blocks.values() {
+            if let Some(s) = of(&mut out, b.owner.pool) {
+                s.held_bytes += b.size;
+                if b.state == BlockState::Allocated {
+                    s.allocated_bytes += b.size;
+                    s.active_blocks += 1;
+                }
+            }
+        }
+        for g in self.small.granules() {
+            if let Some(s) = of(&mut out, g.owner.pool) {
+                s.held_bytes += self.page_size;
+                for slot in self.small.slots_in(g.base) {
+                    if !self.pending.contains_key(&slot.addr) {
+                        s.allocated_bytes += slot.size;
+                        s.active_blocks += 1;
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|(_, s)| s.id);
+        out.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// The id of the private pool tagged `tag`; `None` for the ordinary cache.
+    fn pool_id(&self, tag: PoolTag) -> Option<MempoolId> {
+        (tag != ORDINARY).then(|| self.graphs.id_of(tag)).flatten()
     }
 
     /// Peaks restart from the current values.
@@ -191,15 +251,19 @@ impl DeviceState {
                             BlockState::Free => BlockStateInfo::Free,
                             BlockState::Pending => BlockStateInfo::PendingFree,
                         },
-                        stream: b.stream,
+                        stream: b.owner.stream,
+                        pool: self.pool_id(b.owner.pool),
                     })
                     .collect();
                 let stream = blocks.first().map_or(Stream::DEFAULT, |b| b.stream);
+                let pool = blocks.first().and_then(|b| b.pool);
+                let pool = pool.filter(|&p| blocks.iter().all(|b| b.pool == Some(p)));
                 SegmentInfo {
                     address: start,
                     size: end - start,
                     kind,
                     stream,
+                    pool,
                     blocks,
                 }
             })
@@ -218,14 +282,16 @@ impl DeviceState {
                     } else {
                         BlockStateInfo::Allocated
                     },
-                    stream: s.stream,
+                    stream: s.owner.stream,
+                    pool: self.pool_id(s.owner.pool),
                 })
                 .collect();
             segments.push(SegmentInfo {
                 address: g.base,
                 size: self.page_size,
                 kind: SegmentKind::Small,
-                stream: g.stream,
+                stream: g.owner.stream,
+                pool: self.pool_id(g.owner.pool),
                 blocks,
             });
         }
@@ -243,7 +309,22 @@ impl DeviceState {
         self.pages.check_invariants()?;
         self.large.check_invariants()?;
         self.small.check_invariants()?;
+        self.graphs.check_invariants()?;
         let ps = self.page_size;
+
+        // Private memory belongs to a pool with uses (at zero uses it was retagged ordinary).
+        let orphan = |tag: PoolTag| tag != ORDINARY && self.graphs.id_of(tag).is_none();
+        if let Some((a, _)) = self.large.blocks.iter().find(|(_, b)| orphan(b.owner.pool)) {
+            return Err(format!(
+                "block {a:#x} belongs to a private pool with no use left"
+            ));
+        }
+        if let Some(g) = self.small.granules().find(|g| orphan(g.owner.pool)) {
+            return Err(format!(
+                "granule {:#x} belongs to a private pool with no use left",
+                g.base
+            ));
+        }
 
         // Blocks tile the large segments exactly.
         let mut blocks = self.large.blocks.iter().peekable();

@@ -25,6 +25,7 @@
 //! returns with it held; only the OOM sequence releases it, explicitly, around the hooks.
 
 mod fences;
+mod graphs;
 mod grow;
 mod inspect;
 mod oom;
@@ -35,10 +36,13 @@ use crate::error::{Error, Result};
 use crate::pages::PageTable;
 use crate::pool::large::{BlockPool, BlockState, Lookup, ROUND};
 use crate::pool::small::{SmallFree, SmallPool};
+use crate::pool::Owner;
 use crate::stats::Counters;
-use crate::sync::{Arc, Mutex};
+use crate::sync::{Arc, AtomicUsize, Mutex};
 use crate::{AddressMap, Hooks};
 use fences::Fences;
+use graphs::Graphs;
+pub use graphs::{CaptureFilter, MempoolId};
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::BTreeMap;
 
@@ -80,6 +84,8 @@ pub(crate) struct DeviceState {
     /// Streams recorded on live allocations (`record_stream`), besides their own.
     pub(crate) recorded: HashMap<DevicePtr, Vec<Stream>>,
     pub(crate) c: Counters,
+    /// Private pools and the routes to them (CUDA graphs, `graphs.rs`).
+    pub(crate) graphs: Graphs,
     pub(crate) address_map: Arc<AddressMap>,
     pub(crate) check: bool,
 }
@@ -117,6 +123,7 @@ impl DeviceAllocator {
         config: &Config,
         address_map: Arc<AddressMap>,
         hooks: Arc<Hooks>,
+        captures: Arc<AtomicUsize>,
     ) -> Result<Self> {
         let granularity = drv.granularity(dev)?;
         let mut backend = config.backend;
@@ -156,6 +163,7 @@ impl DeviceAllocator {
             pending: HashMap::default(),
             recorded: HashMap::default(),
             c: Counters::default(),
+            graphs: Graphs::new(captures),
             address_map,
             check: config.check_invariants,
             drv,
@@ -172,11 +180,12 @@ impl DeviceAllocator {
     pub(crate) fn allocate(&self, size: u64, stream: Stream) -> Result<DevicePtr> {
         let rounded = round_request(size)?;
         let mut st = self.state.lock();
-        if let Some(ptr) = st.try_cached(rounded, size, stream) {
+        let owner = st.owner_for(stream);
+        if let Some(ptr) = st.try_cached(rounded, size, owner) {
             st.checked();
             return Ok(ptr);
         }
-        self.allocate_or_oom(st, rounded, size, stream)
+        self.allocate_or_oom(st, rounded, size, owner)
     }
 
     /// Frees `ptr`, returning the bytes it held.
@@ -215,23 +224,23 @@ impl DeviceState {
         }
     }
 
-    /// The hot path: a cached slot or block for `stream`, or `None`.
+    /// The hot path: a cached slot or block of `owner`, or `None`.
     #[inline]
     pub(crate) fn try_cached(
         &mut self,
         rounded: u64,
         requested: u64,
-        stream: Stream,
+        owner: Owner,
     ) -> Option<DevicePtr> {
         if rounded <= self.small_max {
             let class = self.small.classes.class_of(rounded);
-            let ptr = self.small.alloc(stream, class, requested)?;
+            let ptr = self.small.alloc(owner, class, requested)?;
             self.c
                 .note_alloc(self.small.classes.sizes[class], requested);
             Some(ptr)
         } else {
-            let addr = self.large.best_fit(stream, rounded)?;
-            self.large.allocate_at(addr, rounded, requested, stream);
+            let addr = self.large.best_fit(owner, rounded)?;
+            self.large.allocate_at(addr, rounded, requested, owner);
             self.c.note_alloc(rounded, requested);
             Some(addr)
         }
@@ -341,8 +350,8 @@ impl DeviceState {
         e
     }
 
-    /// The live allocation starting at `ptr`, or containing it: (base, size, requested, stream).
-    pub(crate) fn allocation(&self, ptr: DevicePtr) -> Option<(DevicePtr, u64, u64, Stream)> {
+    /// The live allocation starting at `ptr`, or containing it: (base, size, requested, owner).
+    pub(crate) fn allocation(&self, ptr: DevicePtr) -> Option<(DevicePtr, u64, u64, Owner)> {
         if self.small.owns(ptr) {
             // A parked free is not live, whichever pointer into it is asked about.
             return self.small.slot_of(ptr).filter(|s| !self.is_pending(s.0));
@@ -352,7 +361,7 @@ impl DeviceState {
             Lookup::Interior(a, b) => (a, b),
             Lookup::Outside => return None,
         };
-        (b.state == BlockState::Allocated).then_some((base, b.size, b.requested, b.stream))
+        (b.state == BlockState::Allocated).then_some((base, b.size, b.requested, b.owner))
     }
 
     fn is_pending(&self, ptr: DevicePtr) -> bool {
@@ -362,10 +371,18 @@ impl DeviceState {
     /// Parks a free until the work queued on `streams` before it has finished. Their events are
     /// recorded now, at the free, as PyTorch does: a stream the user destroys later cannot leave
     /// the memory unprotected. A record that fails is counted and tried again when settling.
+    /// During a capture nothing is recorded (an event recorded there could never be queried):
+    /// the free waits until the capture ends, and the events are recorded then, later than the
+    /// free, which is conservative (`fences.rs`).
     #[cold]
     fn park(&mut self, ptr: DevicePtr, small: bool, streams: Vec<Stream>, seq: u64) {
         let drv = Arc::clone(&self.drv);
-        for &s in &streams {
+        let record = if self.capturing() {
+            &[][..]
+        } else {
+            &streams[..]
+        };
+        for &s in record {
             if let Err(e) = self.fences.request(&*drv, self.dev, s, seq) {
                 self.c.note_driver_error(&e);
             }
@@ -391,7 +408,7 @@ impl DeviceState {
                 interior_of: None,
             });
         };
-        if stream != own {
+        if stream != own.stream {
             let list = self.recorded.entry(base).or_default();
             if !list.contains(&stream) {
                 list.push(stream);
@@ -401,9 +418,9 @@ impl DeviceState {
     }
 
     /// Moves parked frees whose recorded streams are done into the pools. With `wait`, waits for
-    /// them.
+    /// them. Does nothing during a capture: that would record, query or wait for events.
     pub(crate) fn settle_pending(&mut self, wait: bool) -> std::result::Result<(), DriverError> {
-        if self.pending.is_empty() && !wait {
+        if (self.pending.is_empty() && !wait) || self.capturing() {
             return Ok(());
         }
         let drv = Arc::clone(&self.drv);
@@ -450,3 +467,6 @@ impl Drop for DeviceAllocator {
         self.state.lock().teardown();
     }
 }
+
+#[cfg(test)]
+mod graphs_tests;

@@ -18,11 +18,18 @@
 //!
 //! A request larger than the limit or the device can never succeed: it skips steps 1, 2 and 4
 //! (nothing to gain from emptying the cache), still calls each hook once, and fails.
+//!
+//! While a capture may be underway (CUDA graphs, `graphs.rs`), only what is legal runs: step 1
+//! without waiting (the page pool and new memory, no stealing), the hooks, and a retry after
+//! them. Waiting, releasing and the compaction that would unmap wait until the capture ends, and
+//! the report says that this is why the request failed (`OomReport::capture_underway`). Whether
+//! a capture is underway is asked afresh after the hooks: one may have ended meanwhile.
 
 use super::grow::Shortfall;
 use super::{DeviceAllocator, DeviceState};
-use crate::driver::{DevicePtr, DriverError, Stream};
+use crate::driver::{DevicePtr, DriverError};
 use crate::error::{Error, OomReport, Result};
+use crate::pool::Owner;
 use crate::sync::MutexGuard;
 use std::cell::Cell;
 
@@ -57,7 +64,7 @@ impl DeviceAllocator {
         mut st: MutexGuard<'a, DeviceState>,
         rounded: u64,
         requested: u64,
-        stream: Stream,
+        owner: Owner,
     ) -> Result<DevicePtr> {
         // Memory already reserved can serve a request even above a lowered limit.
         let possible =
@@ -67,21 +74,28 @@ impl DeviceAllocator {
         // PyTorch's `num_alloc_retries`).
         let mut retried = false;
         let driver_errors_before = st.c.driver_errors;
+        // Whether a capture kept a step from running (the report says so).
+        let mut held_by_capture = false;
         if possible(&st) {
-            // 1. Cached and new pages, stealing fully free ones; no waiting.
-            if let Some(p) = attempt(&mut st, rounded, requested, stream, false, &mut refused)? {
+            // 1. Cached and new pages, stealing fully free ones (not during a capture); no
+            //    waiting.
+            if let Some(p) = attempt(&mut st, rounded, requested, owner, false, &mut refused)? {
                 return Ok(p);
             }
-            // ... and again after waiting for the streams that hold freed memory back.
-            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
-                return Ok(p);
-            }
-            // 2. Release the cache to the driver, retry.
-            st.release_cache()?;
-            st.c.alloc_retries += 1;
-            retried = true;
-            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
-                return Ok(p);
+            if st.capturing() {
+                held_by_capture = true;
+            } else {
+                // ... and again after waiting for the streams that hold freed memory back.
+                if let Some(p) = attempt(&mut st, rounded, requested, owner, true, &mut refused)? {
+                    return Ok(p);
+                }
+                // 2. Release the cache to the driver, retry.
+                st.release_cache()?;
+                st.c.alloc_retries += 1;
+                retried = true;
+                if let Some(p) = attempt(&mut st, rounded, requested, owner, true, &mut refused)? {
+                    return Ok(p);
+                }
             }
         }
         // 3. Hooks, without the lock.
@@ -103,10 +117,16 @@ impl DeviceAllocator {
                 hooks_freed = st.c.freed_bytes.saturating_sub(freed_before);
             }
         }
-        // 4. Compact and retry (asking again: a hook may have raised the limit).
-        if possible(&st) {
+        // 4. Compact and retry (asking again: a hook may have raised the limit). During a capture
+        //    only the retry: what the hooks freed may serve it.
+        if possible(&st) && st.capturing() {
+            held_by_capture = true;
+            if let Some(p) = attempt(&mut st, rounded, requested, owner, false, &mut refused)? {
+                return Ok(p);
+            }
+        } else if possible(&st) {
             st.compact()?;
-            if let Some(p) = attempt(&mut st, rounded, requested, stream, true, &mut refused)? {
+            if let Some(p) = attempt(&mut st, rounded, requested, owner, true, &mut refused)? {
                 return Ok(p);
             }
             // (Even when it gives nothing back: releasing first merges the free neighbours of
@@ -118,7 +138,7 @@ impl DeviceAllocator {
                         st.c.alloc_retries += 1;
                     }
                     if let Some(p) =
-                        attempt(&mut st, rounded, requested, stream, true, &mut refused)?
+                        attempt(&mut st, rounded, requested, owner, true, &mut refused)?
                     {
                         return Ok(p);
                     }
@@ -141,7 +161,7 @@ impl DeviceAllocator {
                 None => fences,
             });
         }
-        if possible(&st) {
+        if possible(&st) && !st.capturing() {
             if let Err(e) = st.release_cache() {
                 driver_error = Some(match driver_error {
                     Some(d) => format!("{d}; then releasing the cache failed: {e}"),
@@ -150,7 +170,8 @@ impl DeviceAllocator {
             }
         }
         st.c.ooms += 1;
-        let report = st.oom_report(requested, hooks_called, hooks_freed, driver_error);
+        let mut report = st.oom_report(requested, hooks_called, hooks_freed, driver_error);
+        report.capture_underway = held_by_capture;
         st.checked();
         Err(Error::OutOfMemory(Box::new(report)))
     }
@@ -163,11 +184,11 @@ fn attempt(
     st: &mut DeviceState,
     rounded: u64,
     requested: u64,
-    stream: Stream,
+    owner: Owner,
     wait: bool,
     refused: &mut Option<DriverError>,
 ) -> Result<Option<DevicePtr>> {
-    let r = st.allocate_slow(rounded, requested, stream, wait);
+    let r = st.allocate_slow(rounded, requested, owner, wait);
     st.checked();
     match r {
         Ok(p) => Ok(Some(p)),
@@ -180,7 +201,8 @@ fn attempt(
 }
 
 impl DeviceState {
-    /// Waits for streams, settles parked frees, retires idle small runs.
+    /// Waits for streams, settles parked frees, retires idle small runs. (During a capture only
+    /// the last: the waits do nothing then.)
     pub(crate) fn compact(&mut self) -> Result<()> {
         self.wait_for_streams()?;
         self.small.reclaim_idle_runs(None);
@@ -227,6 +249,7 @@ impl DeviceState {
             hooks_called,
             driver_error,
             remapping: self.backend == crate::config::Backend::Vmm,
+            capture_underway: false,
         }
     }
 }

@@ -69,7 +69,7 @@ pub struct Event(pub u64);
 /// A *potentially unsafe* call (one that allocates, frees, maps, synchronizes, queries an event
 /// or copies synchronously) made by a thread whose own mode is:
 /// - `Global` fails while that thread has a capture underway that is not `Relaxed`, or while any
-///   thread has a `Global` capture underway on the device;
+///   thread has a `Global` capture underway anywhere in the process (on any device);
 /// - `ThreadLocal` fails while that thread has a capture underway that is not `Relaxed`;
 /// - `Relaxed` never fails for a capture.
 ///

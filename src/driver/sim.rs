@@ -32,8 +32,9 @@
 //! - A pending event's stream is or was held; a stream that is not held has no pending events.
 //! - The host memory named by the tables belongs to this driver alone; `Drop` unmaps all of it.
 //!
-//! A call checks every rule before it changes anything, so a failed call (a broken rule, an
-//! injected fault, a failed host syscall) leaves the state as it was.
+//! A call checks every rule (the capture rules first: `capture.rs`) before it changes anything, so
+//! a failed call (a broken rule, an injected fault, a failed host syscall) leaves the state as it
+//! was, except that a call refused for a capture invalidates that capture.
 //!
 //! # Locking rule
 //! Every method takes the one mutex once, for its whole duration, and calls nothing outside this
@@ -52,7 +53,6 @@ mod tests;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::os::fd::OwnedFd;
-use std::thread::ThreadId;
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
@@ -62,7 +62,7 @@ use super::{
     MemInfo, PhysHandle, Stream,
 };
 use crate::bytes::format_bytes;
-use crate::sync::{Mutex, MutexGuard};
+use crate::sync::{current_thread_id, Mutex, MutexGuard, ThreadId};
 use tables::{align_up, default_fault, Extents, Faults};
 
 pub use config::{Backing, SimConfig, MAX_DEVICES};
@@ -950,6 +950,7 @@ impl Driver for SimDriver {
     fn event_record(&self, device: usize, event: Event, stream: Stream) -> DriverResult<()> {
         const C: Call = Call::EventRecord;
         let mut st = self.enter(C, Some(device))?;
+        capture::captured_work(&st, C, device, stream)?;
         let d = device_mut(&mut st, C, device)?;
         check_event(d, C, device, event)?;
         if d.captures
@@ -997,9 +998,11 @@ impl Driver for SimDriver {
         Ok(())
     }
 
-    fn stream_wait_event(&self, device: usize, _stream: Stream, event: Event) -> DriverResult<()> {
+    fn stream_wait_event(&self, device: usize, stream: Stream, event: Event) -> DriverResult<()> {
         const C: Call = Call::StreamWaitEvent;
         let mut st = self.enter(C, Some(device))?;
+        // On a capturing stream the wait is captured, not run; an invalidated capture refuses it.
+        capture::captured_work(&st, C, device, stream)?;
         check_event(device_mut(&mut st, C, device)?, C, device, event)?;
         Ok(())
     }
@@ -1019,13 +1022,14 @@ impl Driver for SimDriver {
         src: &[u8],
         stream: Stream,
     ) -> DriverResult<()> {
-        let mut st = self.enter(Call::CopyToDevice, Some(device))?;
-        capture::check_unsafe_call(&mut st, Call::CopyToDevice, device)?;
-        self.check_host_range(&st, Call::CopyToDevice, device, dst, src.len() as u64)?;
-        let _ = stream; // copies happen at once on the simulated device
-                        // SAFETY: `[dst, dst + len)` is accessible memory of this device (checked above), which
-                        // with real backing is read/write host memory mapped at that address; `src` is a live
-                        // slice that cannot overlap it (device memory is never handed out as a Rust slice).
+        const C: Call = Call::CopyToDevice;
+        let mut st = self.enter(C, Some(device))?;
+        capture::check_stream_synchronize(&mut st, C, device, stream)?;
+        self.check_host_range(&st, C, device, dst, src.len() as u64)?;
+        // Copies happen at once on the simulated device.
+        // SAFETY: `[dst, dst + len)` is accessible memory of this device (checked above), which
+        // with real backing is read/write host memory mapped at that address; `src` is a live
+        // slice that cannot overlap it (device memory is never handed out as a Rust slice).
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut u8, src.len()) };
         Ok(())
     }
@@ -1037,10 +1041,10 @@ impl Driver for SimDriver {
         src: DevicePtr,
         stream: Stream,
     ) -> DriverResult<()> {
-        let mut st = self.enter(Call::CopyFromDevice, Some(device))?;
-        capture::check_unsafe_call(&mut st, Call::CopyFromDevice, device)?;
-        self.check_host_range(&st, Call::CopyFromDevice, device, src, dst.len() as u64)?;
-        let _ = stream;
+        const C: Call = Call::CopyFromDevice;
+        let mut st = self.enter(C, Some(device))?;
+        capture::check_stream_synchronize(&mut st, C, device, stream)?;
+        self.check_host_range(&st, C, device, src, dst.len() as u64)?;
         // SAFETY: as in `copy_to_device`, with the roles swapped.
         unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst.as_mut_ptr(), dst.len()) };
         Ok(())
@@ -1055,8 +1059,9 @@ impl Driver for SimDriver {
         stream: Stream,
     ) -> DriverResult<()> {
         let st = self.enter(Call::Memset, Some(device))?;
+        let captured = capture::captured_work(&st, Call::Memset, device, stream)?;
         self.check_host_range(&st, Call::Memset, device, dst, bytes)?;
-        if capture::captured_work(&st, Call::Memset, device, stream)? {
+        if captured {
             return Ok(()); // recorded into the graph, not run
         }
         // SAFETY: `[dst, dst + bytes)` is accessible host-backed memory (checked above).
@@ -1086,7 +1091,7 @@ impl Driver for SimDriver {
 
     fn exchange_capture_mode(&self, mode: CaptureMode) -> DriverResult<CaptureMode> {
         let mut st = self.enter(Call::ExchangeCaptureMode, None)?;
-        let thread = std::thread::current().id();
+        let thread = current_thread_id();
         // A thread back in the initial mode leaves the table, so it never outgrows the live threads.
         let old = match mode {
             CaptureMode::Global => st.thread_modes.remove(&thread),

@@ -1,10 +1,10 @@
-//! The large-block pool: best fit by (stream, size, address), split, coalesce.
+//! The large-block pool: best fit by (owner, size, address), split, coalesce.
 //!
 //! # Data structure
 //! - `blocks`: every large block by start address: `[addr, addr + size)`, allocated, free, or
 //!   pending (freed, but waiting for streams recorded with `record_stream`).
-//! - `free_index`: the free blocks (not the pending ones) keyed by `(stream, size, addr)`, so the
-//!   best fit for a stream is one ordered lookup, O(log n).
+//! - `free_index`: the free blocks (not the pending ones) keyed by `(owner, size, addr)`, so the
+//!   best fit for an owner (a stream in a pool) is one ordered lookup, O(log n).
 //!
 //! Blocks tile mapped memory: in the VMM backend, every run of mapped large slots; in the legacy
 //! backend, every `cuMemAlloc` segment. A block's `region` names what it may merge across: the
@@ -14,13 +14,15 @@
 //! # Invariants (checked by [`BlockPool::check_invariants`])
 //! - Blocks do not overlap; sizes are positive multiples of 512 B.
 //! - `free_index` holds exactly the blocks in state `Free`.
-//! - No two address-adjacent `Free` blocks share stream and region: they would have been merged.
-//!   Free neighbours of different streams stay apart: each stream reuses its own memory at once,
-//!   and another stream only after an event says the work on the first has finished.
+//! - No two address-adjacent `Free` blocks share owner and region: they would have been merged.
+//!   Free neighbours of different owners stay apart: each owner reuses its own memory at once,
+//!   another stream of its pool only after an event says the work on the first has finished,
+//!   and another pool only when the device layer retags it (`retag_pool`).
 //!
 //! # Locking
 //! None of its own; used under the device lock.
 
+use super::{Owner, PoolTag};
 use crate::driver::{DevicePtr, Stream};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -41,8 +43,9 @@ pub(crate) struct Block {
     /// Bytes the caller asked for (allocated blocks); 0 for free ones.
     pub(crate) requested: u64,
     pub(crate) state: BlockState,
-    /// The stream the block was allocated on; free blocks keep the stream that last used them.
-    pub(crate) stream: Stream,
+    /// The stream (in its pool) the block was allocated on; free blocks keep the owner that last
+    /// used them.
+    pub(crate) owner: Owner,
     /// Device free sequence number of the free that made this memory free (0: never used).
     pub(crate) free_seq: u64,
     pub(crate) region: u64,
@@ -51,7 +54,7 @@ pub(crate) struct Block {
 /// What `coalesce` needs of a free block that is not (yet) in the free index.
 #[derive(Clone, Copy)]
 struct Unindexed {
-    stream: Stream,
+    owner: Owner,
     region: u64,
     size: u64,
     free_seq: u64,
@@ -60,7 +63,7 @@ struct Unindexed {
 impl Unindexed {
     fn of(b: &Block) -> Unindexed {
         Unindexed {
-            stream: b.stream,
+            owner: b.owner,
             region: b.region,
             size: b.size,
             free_seq: b.free_seq,
@@ -72,7 +75,7 @@ impl Unindexed {
 #[derive(Debug, Default)]
 pub(crate) struct BlockPool {
     pub(crate) blocks: BTreeMap<DevicePtr, Block>,
-    free_index: BTreeSet<(Stream, u64, DevicePtr)>,
+    free_index: BTreeSet<(Owner, u64, DevicePtr)>,
 }
 
 /// Where a pointer falls, for error messages.
@@ -84,22 +87,27 @@ pub(crate) enum Lookup<'a> {
 }
 
 impl BlockPool {
-    /// Best fit for `stream`: the smallest free block of that stream holding `size` bytes.
+    /// Best fit for `owner`: the smallest free block of that owner holding `size` bytes.
     #[inline]
-    pub(crate) fn best_fit(&self, stream: Stream, size: u64) -> Option<DevicePtr> {
+    pub(crate) fn best_fit(&self, owner: Owner, size: u64) -> Option<DevicePtr> {
         self.free_index
-            .range((stream, size, 0)..)
+            .range((owner, size, 0)..)
             .next()
-            .filter(|(s, _, _)| *s == stream)
+            .filter(|(s, _, _)| *s == owner)
             .map(|&(_, _, addr)| addr)
     }
 
-    /// Free blocks of any stream but `stream` holding `size` bytes, smallest first.
-    pub(crate) fn other_stream_fits(&self, stream: Stream, size: u64) -> Vec<DevicePtr> {
+    /// Free blocks of the other streams of `owner`'s pool holding `size` bytes, smallest first.
+    /// (Memory never passes between pools here: see `retag_pool`.)
+    pub(crate) fn other_stream_fits(&self, owner: Owner, size: u64) -> Vec<DevicePtr> {
+        let pool = |stream| Owner {
+            pool: owner.pool,
+            stream,
+        };
         let mut fits: Vec<(u64, DevicePtr)> = self
             .free_index
-            .iter()
-            .filter(|(s, sz, _)| *s != stream && *sz >= size)
+            .range((pool(Stream(0)), 0, 0)..=(pool(Stream(u64::MAX)), u64::MAX, u64::MAX))
+            .filter(|(s, sz, _)| *s != owner && *sz >= size)
             .map(|&(_, sz, a)| (sz, a))
             .collect();
         fits.sort_unstable();
@@ -131,28 +139,22 @@ impl BlockPool {
         }
     }
 
-    /// Hands out the first `size` bytes of the free block at `addr` on `stream`, splitting off the
+    /// Hands out the first `size` bytes of the free block at `addr` on `owner`, splitting off the
     /// rest when at least 512 B remain. The block must be in the free index.
     #[inline]
-    pub(crate) fn allocate_at(
-        &mut self,
-        addr: DevicePtr,
-        size: u64,
-        requested: u64,
-        stream: Stream,
-    ) {
+    pub(crate) fn allocate_at(&mut self, addr: DevicePtr, size: u64, requested: u64, owner: Owner) {
         let block = self
             .blocks
             .get_mut(&addr)
             .expect("allocate_at a known block");
         debug_assert_eq!(block.state, BlockState::Free);
         debug_assert!(block.size >= size);
-        self.free_index.remove(&(block.stream, block.size, addr));
+        self.free_index.remove(&(block.owner, block.size, addr));
         let rest = block.size - size;
-        let (rest_stream, rest_seq, region) = (block.stream, block.free_seq, block.region);
+        let (rest_owner, rest_seq, region) = (block.owner, block.free_seq, block.region);
         block.state = BlockState::Allocated;
         block.requested = requested;
-        block.stream = stream;
+        block.owner = owner;
         if rest >= ROUND {
             block.size = size;
             let rest_addr = addr + size;
@@ -162,12 +164,12 @@ impl BlockPool {
                     size: rest,
                     requested: 0,
                     state: BlockState::Free,
-                    stream: rest_stream,
+                    owner: rest_owner,
                     free_seq: rest_seq,
                     region,
                 },
             );
-            self.free_index.insert((rest_stream, rest, rest_addr));
+            self.free_index.insert((rest_owner, rest, rest_addr));
         }
     }
 
@@ -212,7 +214,7 @@ impl BlockPool {
         &mut self,
         addr: DevicePtr,
         size: u64,
-        stream: Stream,
+        owner: Owner,
         free_seq: u64,
         region: u64,
     ) -> DevicePtr {
@@ -221,7 +223,7 @@ impl BlockPool {
             size,
             requested: 0,
             state: BlockState::Free,
-            stream,
+            owner,
             free_seq,
             region,
         };
@@ -230,38 +232,66 @@ impl BlockPool {
         self.coalesce(addr, key)
     }
 
-    /// Gives a free block to another stream (its old stream's work on it is known to be done).
-    pub(crate) fn retag(&mut self, addr: DevicePtr, stream: Stream) -> DevicePtr {
+    /// Gives a free block to another owner (its old stream's work on it is known to be done).
+    pub(crate) fn retag(&mut self, addr: DevicePtr, owner: Owner) -> DevicePtr {
         let block = self.blocks.get_mut(&addr).expect("retag of a known block");
         debug_assert_eq!(block.state, BlockState::Free);
-        self.free_index.remove(&(block.stream, block.size, addr));
-        block.stream = stream;
-        // Nothing of the old stream may be waited for any more; the new stream owns it now.
+        self.free_index.remove(&(block.owner, block.size, addr));
+        block.owner = owner;
+        // Nothing of the old owner may be waited for any more; the new owner owns it now.
         block.free_seq = 0;
         let key = Unindexed::of(block);
         self.coalesce(addr, key)
     }
 
+    /// Moves every block of pool `from` to pool `to` (a private pool with no use left joins the
+    /// ordinary cache): free ones merge with free neighbours of their new owner, allocated and
+    /// pending ones go there when freed. Returns how many blocks moved.
+    pub(crate) fn retag_pool(&mut self, from: PoolTag, to: PoolTag) -> usize {
+        let addrs: Vec<DevicePtr> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.owner.pool == from)
+            .map(|(&a, _)| a)
+            .collect();
+        for &a in &addrs {
+            // A merge below may have absorbed this block into a moved neighbour.
+            let Some(b) = self.blocks.get_mut(&a) else {
+                continue;
+            };
+            if b.owner.pool != from {
+                continue;
+            }
+            let old = b.owner;
+            b.owner.pool = to;
+            if b.state == BlockState::Free {
+                self.free_index.remove(&(old, b.size, a));
+                let key = Unindexed::of(b);
+                self.coalesce(a, key);
+            }
+        }
+        addrs.len()
+    }
+
     /// Merges the free block at `addr` (described by `key`, read by the caller, which already
-    /// holds it: no second lookup) with free neighbours of its stream and region, indexes the
+    /// holds it: no second lookup) with free neighbours of its owner and region, indexes the
     /// result, and returns its address. The block is not in the free index when this is called.
     fn coalesce(&mut self, addr: DevicePtr, key: Unindexed) -> DevicePtr {
         let Unindexed {
-            stream,
+            owner,
             region,
             size: own_size,
             free_seq: mut seq,
         } = key;
-        debug_assert!(!self.free_index.contains(&(stream, own_size, addr)));
-        let mergeable = move |b: &Block| {
-            b.state == BlockState::Free && b.stream == stream && b.region == region
-        };
+        debug_assert!(!self.free_index.contains(&(owner, own_size, addr)));
+        let mergeable =
+            move |b: &Block| b.state == BlockState::Free && b.owner == owner && b.region == region;
         let (mut start, mut size) = (addr, own_size);
         if let Some((&pa, pb)) = self.blocks.range(..addr).next_back() {
             if pa + pb.size == addr && mergeable(pb) {
                 let prev_size = pb.size;
                 seq = seq.max(pb.free_seq);
-                self.free_index.remove(&(stream, prev_size, pa));
+                self.free_index.remove(&(owner, prev_size, pa));
                 self.blocks.remove(&addr);
                 start = pa;
                 size += prev_size;
@@ -272,7 +302,7 @@ impl BlockPool {
             if mergeable(nb) {
                 let next_size = nb.size;
                 seq = seq.max(nb.free_seq);
-                self.free_index.remove(&(stream, next_size, end));
+                self.free_index.remove(&(owner, next_size, end));
                 self.blocks.remove(&end);
                 size += next_size;
             }
@@ -280,7 +310,7 @@ impl BlockPool {
         let block = self.blocks.get_mut(&start).expect("merged block");
         block.size = size;
         block.free_seq = seq;
-        self.free_index.insert((stream, size, start));
+        self.free_index.insert((owner, size, start));
         start
     }
 
@@ -290,7 +320,7 @@ impl BlockPool {
         let block = self.blocks.remove(&addr).expect("carve of a known block");
         debug_assert_eq!(block.state, BlockState::Free);
         debug_assert!(addr <= from && from < to && to <= addr + block.size);
-        self.free_index.remove(&(block.stream, block.size, addr));
+        self.free_index.remove(&(block.owner, block.size, addr));
         for (a, len) in [(addr, from - addr), (to, addr + block.size - to)] {
             if len > 0 {
                 self.blocks.insert(
@@ -300,7 +330,7 @@ impl BlockPool {
                         ..block.clone()
                     },
                 );
-                self.free_index.insert((block.stream, len, a));
+                self.free_index.insert((block.owner, len, a));
             }
         }
     }
@@ -309,7 +339,7 @@ impl BlockPool {
     pub(crate) fn remove_free(&mut self, addr: DevicePtr) -> Block {
         let block = self.blocks.remove(&addr).expect("remove of a known block");
         debug_assert_eq!(block.state, BlockState::Free);
-        self.free_index.remove(&(block.stream, block.size, addr));
+        self.free_index.remove(&(block.owner, block.size, addr));
         block
     }
 
@@ -326,7 +356,7 @@ impl BlockPool {
             }
             if b.state == BlockState::Free {
                 free += 1;
-                if !self.free_index.contains(&(b.stream, b.size, a)) {
+                if !self.free_index.contains(&(b.owner, b.size, a)) {
                     return Err(format!("free block {a:#x} is not in the free index"));
                 }
             }
@@ -337,11 +367,11 @@ impl BlockPool {
                 if pa + pb.size == a
                     && pb.state == BlockState::Free
                     && b.state == BlockState::Free
-                    && pb.stream == b.stream
+                    && pb.owner == b.owner
                     && pb.region == b.region
                 {
                     return Err(format!(
-                        "free neighbours {pa:#x} and {a:#x} of one stream are not merged"
+                        "free neighbours {pa:#x} and {a:#x} of one owner are not merged"
                     ));
                 }
             }

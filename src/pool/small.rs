@@ -2,21 +2,21 @@
 //!
 //! # Data structure
 //! - A *granule* is one page set aside for small requests (a mapped physical page in the VMM
-//!   backend, a page-sized `cuMemAlloc` segment in the legacy one). It belongs to one stream and is
+//!   backend, a page-sized `cuMemAlloc` segment in the legacy one). It belongs to one owner (a stream, in a pool) and is
 //!   cut into *units* (`unit` bytes, at most 64 a granule, so a `u64` bitmap says which are used).
 //! - A *run* is a few contiguous units of one granule given to one size class and carved into equal
 //!   slots (mimalloc cuts its segments into pages the same way). Runs are far smaller than a granule
 //!   for small classes, so ~40 live classes do not strand ~40 whole granules.
-//! - Per stream and class, `partial` lists the runs with a free slot; allocation pops a slot from
+//! - Per owner and class, `partial` lists the runs with a free slot; allocation pops a slot from
 //!   the last one: O(1), no driver call.
 //! - A run whose last slot is freed goes back to its granule unless it is the only run of its class
-//!   for that stream (kept, so that an alloc/free loop does not carve and retire a run each time).
-//!   A granule with no run is *empty*: the device layer may reuse it for another stream once the
+//!   for that owner (kept, so that an alloc/free loop does not carve and retire a run each time).
+//!   A granule with no run is *empty*: the device layer may reuse it for another owner once the
 //!   work on it is done, or unmap its page (the page is fungible again).
 //!
 //! # Invariants (checked by [`SmallPool::check_invariants`])
 //! - Runs of a granule do not overlap and their units are exactly the granule's used bits.
-//! - A run is in its stream's partial list for its class iff it has a free slot, and records its
+//! - A run is in its owner's partial list for its class iff it has a free slot, and records its
 //!   position there.
 //! - `live` of a run counts its allocated slots; the free stack holds exactly the others.
 //! - Each granule's `live_bytes` is the sum of its allocated slots' sizes.
@@ -24,7 +24,8 @@
 //! # Locking
 //! None of its own; used under the device lock.
 
-use crate::driver::{DevicePtr, Stream};
+use super::{Owner, PoolTag};
+use crate::driver::DevicePtr;
 use crate::pages::PageId;
 use rustc_hash::FxHashMap as HashMap;
 
@@ -135,7 +136,7 @@ struct Run {
     class: u16,
     first_unit: u16,
     units: u16,
-    stream: Stream,
+    owner: Owner,
     free: Vec<u32>,
     live: u32,
     /// Requested bytes per slot; 0 = free.
@@ -148,7 +149,7 @@ pub(crate) struct Granule {
     pub(crate) base: DevicePtr,
     /// The mapped page (VMM backend); `None` for a legacy segment.
     pub(crate) page: Option<PageId>,
-    pub(crate) stream: Stream,
+    pub(crate) owner: Owner,
     used: u64,
     unit_run: Vec<u32>,
     pub(crate) live_bytes: u64,
@@ -163,7 +164,7 @@ impl Granule {
 }
 
 #[derive(Debug, Default)]
-struct StreamLists {
+struct OwnerLists {
     partial: Vec<Vec<u32>>,
     granules: Vec<u32>,
 }
@@ -189,7 +190,7 @@ pub(crate) struct SlotInfo {
     pub(crate) addr: DevicePtr,
     pub(crate) size: u64,
     pub(crate) requested: u64,
-    pub(crate) stream: Stream,
+    pub(crate) owner: Owner,
 }
 
 /// The small pool of one device.
@@ -203,7 +204,7 @@ pub(crate) struct SmallPool {
     by_addr: GranuleIndex,
     runs: Vec<Option<Run>>,
     free_run_ids: Vec<u32>,
-    streams: HashMap<Stream, StreamLists>,
+    owners: HashMap<Owner, OwnerLists>,
 }
 
 impl SmallPool {
@@ -219,19 +220,19 @@ impl SmallPool {
             by_addr: GranuleIndex::new(granule_size),
             runs: Vec::new(),
             free_run_ids: Vec::new(),
-            streams: HashMap::default(),
+            owners: HashMap::default(),
         }
     }
 
-    /// The hot path: a free slot of `class` on `stream`, if a run has one.
+    /// The hot path: a free slot of `class` on `owner`, if a run has one.
     #[inline]
     pub(crate) fn alloc(
         &mut self,
-        stream: Stream,
+        owner: Owner,
         class: usize,
         requested: u64,
     ) -> Option<DevicePtr> {
-        let lists = self.streams.get_mut(&stream)?;
+        let lists = self.owners.get_mut(&owner)?;
         let list = lists.partial.get_mut(class)?;
         let &run_id = list.last()?;
         let run = self.runs[run_id as usize]
@@ -252,20 +253,20 @@ impl SmallPool {
         Some(run.base + slot as u64 * size)
     }
 
-    /// Carves a new run of `class` for `stream` from the stream's granules (reclaiming its idle
+    /// Carves a new run of `class` for `owner` from the owner's granules (reclaiming its idle
     /// empty runs first if none has room). Returns false when a new granule is needed.
     #[cold]
-    pub(crate) fn grow(&mut self, stream: Stream, class: usize) -> bool {
-        if self.carve_run(stream, class) {
+    pub(crate) fn grow(&mut self, owner: Owner, class: usize) -> bool {
+        if self.carve_run(owner, class) {
             return true;
         }
-        self.reclaim_idle_runs(Some(stream));
-        self.carve_run(stream, class)
+        self.reclaim_idle_runs(Some(owner));
+        self.carve_run(owner, class)
     }
 
-    fn carve_run(&mut self, stream: Stream, class: usize) -> bool {
+    fn carve_run(&mut self, owner: Owner, class: usize) -> bool {
         let need = self.classes.run_units[class];
-        let Some(lists) = self.streams.get(&stream) else {
+        let Some(lists) = self.owners.get(&owner) else {
             return false;
         };
         let found = lists.granules.iter().find_map(|&gid| {
@@ -286,7 +287,7 @@ impl SmallPool {
             class: class as u16,
             first_unit: first as u16,
             units: need as u16,
-            stream,
+            owner,
             // Pop order hands out low addresses first.
             free: (0..slots).rev().collect(),
             live: 0,
@@ -312,7 +313,7 @@ impl SmallPool {
     fn list_run(&mut self, run_id: u32) {
         let run = self.runs[run_id as usize].as_mut().expect("live run");
         let ncls = self.classes.sizes.len();
-        let lists = self.streams.entry(run.stream).or_default();
+        let lists = self.owners.entry(run.owner).or_default();
         lists.partial.resize_with(ncls, Vec::new);
         let list = &mut lists.partial[run.class as usize];
         run.partial_pos = list.len() as u32;
@@ -321,11 +322,11 @@ impl SmallPool {
 
     fn unlist_run(&mut self, run_id: u32) {
         let run = self.runs[run_id as usize].as_ref().expect("live run");
-        let (pos, class, stream) = (run.partial_pos, run.class as usize, run.stream);
+        let (pos, class, owner) = (run.partial_pos, run.class as usize, run.owner);
         if pos == NOT_LISTED {
             return;
         }
-        let list = &mut self.streams.get_mut(&stream).expect("stream lists").partial[class];
+        let list = &mut self.owners.get_mut(&owner).expect("owner lists").partial[class];
         list.swap_remove(pos as usize);
         if let Some(&moved) = list.get(pos as usize) {
             self.runs[moved as usize]
@@ -354,14 +355,14 @@ impl SmallPool {
         }
     }
 
-    /// Retires every run with no live slot (of one stream, or of all).
-    pub(crate) fn reclaim_idle_runs(&mut self, stream: Option<Stream>) {
+    /// Retires every run with no live slot (of one owner, or of all).
+    pub(crate) fn reclaim_idle_runs(&mut self, owner: Option<Owner>) {
         let idle: Vec<u32> = self
             .runs
             .iter()
             .enumerate()
             .filter_map(|(i, r)| r.as_ref().map(|r| (i as u32, r)))
-            .filter(|(_, r)| r.live == 0 && stream.is_none_or(|s| s == r.stream))
+            .filter(|(_, r)| r.live == 0 && owner.is_none_or(|s| s == r.owner))
             .map(|(i, _)| i)
             .collect();
         for id in idle {
@@ -369,12 +370,12 @@ impl SmallPool {
         }
     }
 
-    /// Adds a fresh granule (page-aligned `base`) for `stream`.
-    pub(crate) fn add_granule(&mut self, base: DevicePtr, page: Option<PageId>, stream: Stream) {
+    /// Adds a fresh granule (page-aligned `base`) for `owner`.
+    pub(crate) fn add_granule(&mut self, base: DevicePtr, page: Option<PageId>, owner: Owner) {
         let g = Granule {
             base,
             page,
-            stream,
+            owner,
             used: 0,
             unit_run: vec![NO_RUN; self.units_per_granule as usize],
             live_bytes: 0,
@@ -391,25 +392,62 @@ impl SmallPool {
             }
         };
         self.by_addr.insert(base, gid);
-        self.streams.entry(stream).or_default().granules.push(gid);
+        self.owners.entry(owner).or_default().granules.push(gid);
     }
 
-    /// Empty granules (no run), with their stream and latest free sequence number.
+    /// Empty granules (no run), with their owner and latest free sequence number.
     pub(crate) fn empty_granules(&self) -> impl Iterator<Item = &Granule> {
         self.granules.iter().flatten().filter(|g| g.is_empty())
     }
 
-    /// Moves the empty granule at `base` to `stream` (its old stream's work on it is done).
-    pub(crate) fn retag_granule(&mut self, base: DevicePtr, stream: Stream) {
+    /// Moves the empty granule at `base` to `owner` (its old owner's work on it is done).
+    pub(crate) fn retag_granule(&mut self, base: DevicePtr, owner: Owner) {
         let gid = self.by_addr.at(base);
         let g = self.granules[gid as usize].as_mut().expect("live granule");
         debug_assert!(g.is_empty());
-        let old = std::mem::replace(&mut g.stream, stream);
+        let old = std::mem::replace(&mut g.owner, owner);
         g.free_seq = 0;
-        if let Some(lists) = self.streams.get_mut(&old) {
+        if let Some(lists) = self.owners.get_mut(&old) {
             lists.granules.retain(|&x| x != gid);
         }
-        self.streams.entry(stream).or_default().granules.push(gid);
+        self.owners.entry(owner).or_default().granules.push(gid);
+    }
+
+    /// Moves every granule and run of pool `from` to pool `to` (a private pool with no use left
+    /// joins the ordinary cache), each keeping its stream. Live slots stay where they are and are
+    /// freed into `to`.
+    pub(crate) fn retag_pool(&mut self, from: PoolTag, to: PoolTag) {
+        let moved: Vec<Owner> = self
+            .owners
+            .keys()
+            .filter(|o| o.pool == from)
+            .copied()
+            .collect();
+        let ncls = self.classes.sizes.len();
+        for old in moved {
+            let lists = self.owners.remove(&old).expect("listed owner");
+            let new = Owner { pool: to, ..old };
+            let target = self.owners.entry(new).or_default();
+            target.partial.resize_with(ncls, Vec::new);
+            for (class, runs) in lists.partial.into_iter().enumerate() {
+                for rid in runs {
+                    let run = self.runs[rid as usize].as_mut().expect("listed run");
+                    run.partial_pos = target.partial[class].len() as u32;
+                    target.partial[class].push(rid);
+                }
+            }
+            target.granules.extend(lists.granules);
+        }
+        for run in self.runs.iter_mut().flatten() {
+            if run.owner.pool == from {
+                run.owner.pool = to;
+            }
+        }
+        for g in self.granules.iter_mut().flatten() {
+            if g.owner.pool == from {
+                g.owner.pool = to;
+            }
+        }
     }
 
     /// Removes the empty granule at `base` (its page is about to be unmapped or freed).
@@ -417,7 +455,7 @@ impl SmallPool {
         let gid = self.by_addr.remove(base);
         let g = self.granules[gid as usize].take().expect("live granule");
         debug_assert!(g.is_empty());
-        if let Some(lists) = self.streams.get_mut(&g.stream) {
+        if let Some(lists) = self.owners.get_mut(&g.owner) {
             lists.granules.retain(|&x| x != gid);
         }
         self.free_granule_ids.push(gid);
@@ -448,14 +486,14 @@ impl SmallPool {
         self.granule_of(ptr).is_some()
     }
 
-    /// The allocated slot starting at `ptr`: (size, requested, stream).
-    pub(crate) fn slot_of(&self, ptr: DevicePtr) -> Option<(DevicePtr, u64, u64, Stream)> {
+    /// The allocated slot starting at `ptr`: (size, requested, owner).
+    pub(crate) fn slot_of(&self, ptr: DevicePtr) -> Option<(DevicePtr, u64, u64, Owner)> {
         let (_, run_id) = self.locate(ptr)?;
         let run = self.runs[run_id as usize].as_ref().expect("live run");
         let size = self.classes.sizes[run.class as usize];
         let slot = (ptr - run.base) / size;
         let req = *run.requested.get(slot as usize)?;
-        (req != 0).then_some((run.base + slot * size, size, req, run.stream))
+        (req != 0).then_some((run.base + slot * size, size, req, run.owner))
     }
 
     /// Frees the slot at `ptr`, at device free sequence `seq`.
@@ -487,11 +525,11 @@ impl SmallPool {
         }
         run.free.push(slot as u32);
         run.live -= 1;
-        let (was_full, now_idle, class, stream) = (
+        let (was_full, now_idle, class, owner) = (
             run.free.len() == 1,
             run.live == 0,
             run.class as usize,
-            run.stream,
+            run.owner,
         );
         let g = self.granules[gid as usize].as_mut().expect("live granule");
         g.live_bytes -= size;
@@ -501,8 +539,8 @@ impl SmallPool {
             self.list_run(run_id);
         }
         if now_idle {
-            // Keep the stream's last run of this class as a cache; give the others back.
-            let others = self.streams[&stream].partial[class].len() > 1;
+            // Keep the owner's last run of this class as a cache; give the others back.
+            let others = self.owners[&owner].partial[class].len() > 1;
             if others {
                 self.retire_run(run_id);
             }
@@ -539,7 +577,7 @@ impl SmallPool {
                         addr: run.base + i as u64 * size,
                         size,
                         requested: req,
-                        stream: run.stream,
+                        owner: run.owner,
                     });
                 }
             }
@@ -579,9 +617,9 @@ impl SmallPool {
             if run.requested.len() as u64 * size > run.units as u64 * self.unit {
                 return Err(format!("run {rid} slots overflow its units"));
             }
-            if run.stream != g.stream {
+            if run.owner != g.owner {
                 return Err(format!(
-                    "run {rid} and its granule belong to different streams"
+                    "run {rid} and its granule belong to different owners"
                 ));
             }
             for u in run.first_unit..run.first_unit + run.units {
@@ -605,8 +643,8 @@ impl SmallPool {
             }
             live_bytes[run.granule as usize] += live as u64 * size;
             let listed = self
-                .streams
-                .get(&run.stream)
+                .owners
+                .get(&run.owner)
                 .and_then(|l| l.partial.get(run.class as usize))
                 .and_then(|l| l.get(run.partial_pos as usize))
                 == Some(&(rid as u32));
@@ -635,11 +673,11 @@ impl SmallPool {
                 return Err(format!("granule {:#x} is not indexed by address", g.base));
             }
             if !self
-                .streams
-                .get(&g.stream)
+                .owners
+                .get(&g.owner)
                 .is_some_and(|l| l.granules.contains(&(gid as u32)))
             {
-                return Err(format!("granule {:#x} is not in its stream's list", g.base));
+                return Err(format!("granule {:#x} is not in its owner's list", g.base));
             }
         }
         Ok(())
@@ -820,7 +858,7 @@ mod tests {
     #[test]
     fn alloc_free_reuses_slots_and_detects_double_free() {
         let mut p = SmallPool::new(2 << 20, 1 << 20, 4);
-        let s = Stream(7);
+        let s = Owner::ordinary(crate::driver::Stream(7));
         let cls = p.classes.class_of(4096);
         assert_eq!(p.alloc(s, cls, 4000), None);
         assert!(!p.grow(s, cls), "no granule yet");

@@ -50,7 +50,8 @@
   X(released_bytes) X(hook_calls) X(ooms) X(invalid_frees) X(driver_errors) X(limit_bytes)      \
   X(page_size)                                                                                   \
   /* added after the spec, at the end as the size protocol allows: */                            \
-  X(alloc_retries)
+  X(alloc_retries) X(capture_underway) X(private_pools) X(private_pool_held_bytes)               \
+  X(private_pool_allocated_bytes)
 
 #define COUNT_FIELD(name) +1
 enum { STATS_NFIELDS = 0 STATS_FIELDS(COUNT_FIELD) };

@@ -11,6 +11,15 @@
 //! - An invalidated capture stays until it is ended; it forbids nothing more (it is already broken)
 //!   and every call that would add work to it fails with `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED`.
 //!
+//! # Order of checks
+//! A call checks the captures before its own arguments, as CUDA does: a call that a capture
+//! forbids fails with `CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED` and invalidates that capture even
+//! when an argument is bad too (an unmap of an unknown range, a free of an unknown pointer), and
+//! work added to an invalidated capture fails with `CUDA_ERROR_STREAM_CAPTURE_INVALIDATED` whatever
+//! its arguments. The one exception is a bad device, which fails with `CUDA_ERROR_INVALID_DEVICE`
+//! and invalidates nothing. Only then come the argument checks, and the call changes nothing
+//! until every check has passed.
+//!
 //! # What is not modelled
 //! Captures joining other streams through `cuStreamWaitEvent` on a captured event, and implicit
 //! synchronization with the legacy default stream (`CUDA_ERROR_STREAM_CAPTURE_IMPLICIT`). tessera
@@ -20,12 +29,12 @@
 //! Plain data inside the driver's one mutex; nothing here locks.
 
 use std::collections::{HashMap, HashSet};
-use std::thread::ThreadId;
 
 use super::super::{
     Call, CaptureInfo, CaptureMode, CaptureStatus, CudaError, DriverResult, Event, Stream,
 };
 use super::{device_mut, fail, State};
+use crate::sync::{current_thread_id, ThreadId};
 
 /// One stream's capture.
 #[derive(Clone, Copy, Debug)]
@@ -190,7 +199,7 @@ pub(super) fn begin(
     let id = st.last_id + 1;
     let capture = Capture {
         mode,
-        thread: std::thread::current().id(),
+        thread: current_thread_id(),
         id,
         invalidated: false,
     };
@@ -206,7 +215,7 @@ pub(super) fn end(st: &mut State, device: usize, stream: Stream) -> DriverResult
     const C: Call = Call::StreamEndCapture;
     device_mut(st, C, device)?
         .captures
-        .end(stream.0, std::thread::current().id())
+        .end(stream.0, current_thread_id())
         .map_err(|(e, why)| fail(C, e, device, why))
 }
 
@@ -218,7 +227,7 @@ pub(super) fn check_unsafe_call(st: &mut State, call: Call, device: usize) -> Dr
     if device >= st.devices.len() || st.devices.iter().all(|d| d.captures.is_empty()) {
         return Ok(());
     }
-    let thread = std::thread::current().id();
+    let thread = current_thread_id();
     let mode = st.thread_modes.get(&thread).copied().unwrap_or_default();
     let mut broken = Vec::new();
     for (index, d) in st.devices.iter_mut().enumerate() {
@@ -266,8 +275,9 @@ pub(super) fn check_event_use(
     check_unsafe_call(st, call, device)
 }
 
-/// Synchronizing a capturing stream breaks its capture in every mode; any other stream's
-/// synchronize is a potentially unsafe call.
+/// A stream synchronize, or a synchronous copy (which waits for its stream): on a capturing stream
+/// it breaks the capture in every mode (an invalidated one refuses it); on any other stream it is a
+/// potentially unsafe call.
 pub(super) fn check_stream_synchronize(
     st: &mut State,
     call: Call,

@@ -550,6 +550,7 @@ impl PytorchAllocator {
             hooks_called: 0,
             driver_error,
             remapping: self.rules == Rules::Expandable,
+            capture_underway: false,
         }))
     }
 }
