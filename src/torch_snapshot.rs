@@ -110,6 +110,9 @@ pub struct Segment {
     pub small: bool,
     /// Part of an expandable segment.
     pub expandable: bool,
+    /// The private pool (CUDA graphs) it belongs to, PyTorch's `segment_pool_id`; `(0, 0)`: the
+    /// ordinary cache.
+    pub pool: (u64, u64),
     /// Its blocks, in address order (gaps are written as inactive blocks).
     pub blocks: Vec<Block>,
 }
@@ -312,7 +315,7 @@ impl TorchSnapshot {
                     ),
                     (
                         "segment_pool_id",
-                        Value::tuple(vec![Value::int(0), Value::int(0)]),
+                        Value::tuple(vec![Value::int(s.pool.0), Value::int(s.pool.1)]),
                     ),
                     ("is_expandable", Value::Bool(s.expandable)),
                     ("frames", no_frames.clone()),
@@ -403,38 +406,86 @@ fn tile(s: &Segment) -> Vec<Block> {
     out
 }
 
-/// The segments of a live allocator's [`Snapshot`], in PyTorch's format (no history).
+/// The segments of a live allocator's [`Snapshot`], in PyTorch's format (no history). A run of
+/// mapped pages whose blocks belong to several pools (the ordinary cache and CUDA graphs'
+/// private pools) becomes one segment per pool-consecutive stretch of blocks, since a PyTorch
+/// segment belongs to one pool (`segment_pool_id`).
 pub fn segments_of(snapshot: &Snapshot) -> Vec<Segment> {
-    snapshot
-        .segments
-        .iter()
-        .map(|s| Segment {
-            device: snapshot.device,
-            address: s.address,
-            total_size: s.size,
-            stream: s.stream.0,
-            small: s.kind == crate::stats::SegmentKind::Small,
-            expandable: false,
-            blocks: s
-                .blocks
-                .iter()
-                .map(|b| Block {
-                    address: b.address,
-                    size: b.size,
-                    requested_size: match b.state {
-                        BlockStateInfo::Free => 0,
-                        _ => b.requested_size,
-                    },
-                    state: match b.state {
-                        BlockStateInfo::Allocated => BlockState::Allocated,
-                        BlockStateInfo::PendingFree => BlockState::PendingFree,
-                        BlockStateInfo::Free => BlockState::Inactive,
-                    },
-                    frames: None,
-                })
-                .collect(),
-        })
-        .collect()
+    let mut out = Vec::new();
+    for s in &snapshot.segments {
+        let pool_of = |b: &crate::stats::BlockInfo| {
+            let p = b.pool.or(s.pool).unwrap_or_default();
+            (p.0, p.1)
+        };
+        if s.blocks.is_empty() {
+            let pool = s.pool.map_or((0, 0), |p| (p.0, p.1));
+            out.push(segment_of(snapshot, s, s.address, s.size, pool, &[]));
+            continue;
+        }
+        let mut start = 0;
+        while start < s.blocks.len() {
+            let pool = pool_of(&s.blocks[start]);
+            let mut end = start + 1;
+            while end < s.blocks.len() && pool_of(&s.blocks[end]) == pool {
+                end += 1;
+            }
+            // A stretch spans from its first block (the segment's start for the first) to the
+            // next stretch (or the segment's end): large blocks tile their segment.
+            let address = if start == 0 {
+                s.address
+            } else {
+                s.blocks[start].address
+            };
+            let stop = s.blocks.get(end).map_or(s.address + s.size, |b| b.address);
+            let blocks = &s.blocks[start..end];
+            out.push(segment_of(
+                snapshot,
+                s,
+                address,
+                stop - address,
+                pool,
+                blocks,
+            ));
+            start = end;
+        }
+    }
+    out
+}
+
+fn segment_of(
+    snapshot: &Snapshot,
+    s: &crate::stats::SegmentInfo,
+    address: u64,
+    total_size: u64,
+    pool: (u64, u64),
+    blocks: &[crate::stats::BlockInfo],
+) -> Segment {
+    Segment {
+        device: snapshot.device,
+        address,
+        total_size,
+        stream: blocks.first().map_or(s.stream.0, |b| b.stream.0),
+        small: s.kind == crate::stats::SegmentKind::Small,
+        expandable: false,
+        pool,
+        blocks: blocks
+            .iter()
+            .map(|b| Block {
+                address: b.address,
+                size: b.size,
+                requested_size: match b.state {
+                    BlockStateInfo::Free => 0,
+                    _ => b.requested_size,
+                },
+                state: match b.state {
+                    BlockStateInfo::Allocated => BlockState::Allocated,
+                    BlockStateInfo::PendingFree => BlockState::PendingFree,
+                    BlockStateInfo::Free => BlockState::Inactive,
+                },
+                frames: None,
+            })
+            .collect(),
+    }
 }
 
 /// A live allocator's snapshot of every device in `snapshots`, as `_dump_snapshot` writes it:
@@ -472,6 +523,7 @@ mod tests {
             stream: 0,
             small: false,
             expandable: false,
+            pool: (0, 0),
             blocks: vec![
                 Block {
                     address: 1500,

@@ -446,3 +446,43 @@ fn routes_left_open_do_not_outlive_their_allocator() {
         "teardown gives the pool's memory back too"
     );
 }
+
+#[test]
+fn pytorch_snapshots_give_each_private_pool_its_own_segments() {
+    let (sim, t) = sim_alloc(64 * MIB, Config::default());
+    let mut tr = Tracker::default();
+    let ordinary = alloc(&t, &mut tr, 3 * MIB, S).unwrap();
+    begin(&sim, &t, POOL, S);
+    let private = alloc(&t, &mut tr, 3 * MIB, S).unwrap();
+    let slot = alloc(&t, &mut tr, 4096, S).unwrap();
+    end(&sim, &t, POOL, S);
+    let snap = t.snapshot(0).unwrap();
+    // One mapped run holds both 3 MiB blocks (the pool's pages were mapped right after the
+    // ordinary ones): tessera's own snapshot says so, and the PyTorch one splits it.
+    let run = snap
+        .segments
+        .iter()
+        .find(|s| s.address <= ordinary && ordinary < s.address + s.size)
+        .unwrap();
+    assert!(run.address <= private && private < run.address + run.size);
+    assert_eq!(run.pool, None, "a run of several pools has no single pool");
+    let segments = tessera::torch_snapshot::segments_of(&snap);
+    let seg_of = |p: DevicePtr| {
+        segments
+            .iter()
+            .find(|s| s.address <= p && p < s.address + s.total_size)
+            .unwrap()
+    };
+    assert_eq!(seg_of(ordinary).pool, (0, 0));
+    assert_eq!(seg_of(private).pool, (POOL.0, POOL.1));
+    assert_eq!(seg_of(slot).pool, (POOL.0, POOL.1));
+    assert!(seg_of(slot).small);
+    // Segments still tile what is mapped, pool by pool, and every block lies in its segment.
+    let total: u64 = segments.iter().map(|s| s.total_size).sum();
+    assert_eq!(total, t.stats(0).unwrap().reserved_bytes);
+    for s in &segments {
+        for b in &s.blocks {
+            assert!(s.address <= b.address && b.address + b.size <= s.address + s.total_size);
+        }
+    }
+}

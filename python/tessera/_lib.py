@@ -63,6 +63,7 @@ class ErrorCode(enum.IntEnum):
     UNSUPPORTED = 8
     INVALID_ARGUMENT = 9
     INTERNAL = 10
+    PRIVATE_POOL = 11
 
 
 class TesseraError(RuntimeError):
@@ -135,6 +136,10 @@ class Stats(ctypes.Structure):
             "limit_bytes",
             "page_size",
             "alloc_retries",
+            "capture_underway",
+            "private_pools",
+            "private_pool_held_bytes",
+            "private_pool_allocated_bytes",
         )
     ]
 
@@ -144,6 +149,15 @@ OOM_HOOK = ctypes.CFUNCTYPE(ctypes.c_size_t, ctypes.c_int, ctypes.c_size_t, ctyp
 
 _size_t, _int, _void_p, _u64 = ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64
 _stream = ctypes.c_void_p  # cudaStream_t
+
+#: ``bool (*tessera_stream_filter)(void *ctx, cudaStream_t stream)``
+STREAM_FILTER = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_void_p)
+#: ``void (*tessera_filter_drop)(void *ctx)``
+FILTER_DROP = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+
+#: The setters of ``torch._C._CUDAPluggableAllocator`` for CUDA graphs, each given the address of
+#: a C++ function of libtessera.so (``tessera_torch_graph_hook``).
+GRAPH_SETTERS = ("set_begin_allocate_to_pool", "set_end_allocate_to_pool_fn", "set_release_pool")
 
 #: name -> (restype, argtypes) of every function in include/tessera.h.
 PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
@@ -170,6 +184,10 @@ PROTOTYPES: dict[str, tuple[Any, list[Any]]] = {
     "tessera_snapshot_json": (_size_t, [_int, ctypes.c_char_p, _size_t]),
     "tessera_memory_snapshot_pickle": (_size_t, [_int, ctypes.c_char_p, _size_t]),
     "tessera_configure": (_int, [ctypes.c_char_p]),
+    "tessera_begin_allocate_to_pool": (_int, [_int, _u64, _u64, STREAM_FILTER, _void_p, FILTER_DROP]),
+    "tessera_end_allocate_to_pool": (_int, [_int, _u64, _u64]),
+    "tessera_release_pool": (_int, [_int, _u64, _u64]),
+    "tessera_torch_graph_hook": (_void_p, [ctypes.c_char_p]),
 }
 
 
@@ -280,6 +298,10 @@ class Library:
             fn = getattr(self.cdll, name)
             fn.restype, fn.argtypes = restype, argtypes
         self._hooks: dict[int, OomHook] = {}
+        # Python filters of open routes, by context id, until tessera drops them.
+        self._filters: dict[int, Any] = {}
+        self._next_filter = 1
+        self._drop = FILTER_DROP(self._drop_filter)
 
     def __repr__(self) -> str:
         return f"<tessera.Library {self.path} version {self.version()}>"
@@ -439,6 +461,54 @@ class Library:
         """:meth:`memory_snapshot_pickle`, unpickled: the dict ``torch.cuda.memory._snapshot()``
         returns. Only plain types are in it, and it comes from tessera's own writer."""
         return pickle.loads(self.memory_snapshot_pickle(device))
+
+    # CUDA graphs -----------------------------------------------------------------------------
+
+    def graph_hook_address(self, setter: str) -> int:
+        """The address PyTorch's allocator setter ``setter`` (one of :data:`GRAPH_SETTERS`) takes:
+        a C++ function with the hook's exact type (``tessera_torch_graph_hook``)."""
+        address = self.cdll.tessera_torch_graph_hook(setter.encode())
+        if address is None:
+            raise self._error()
+        return address
+
+    def begin_allocate_to_pool(
+        self, device: int, pool: tuple[int, int], accepts: Callable[[Optional[int]], bool]
+    ) -> None:
+        """Routes the allocations on ``device`` whose stream ``accepts(stream)`` says yes to
+        (stream an int, or None for the default stream) to the private pool ``pool``, creating it
+        or adding a use (PyTorch's ``beginAllocateToPool``), until :meth:`end_allocate_to_pool`.
+        ``accepts`` runs with tessera's device lock held: it must not call tessera. An exception
+        in it counts as no."""
+
+        def call(_ctx: Optional[int], stream: Optional[int]) -> bool:
+            try:
+                return bool(accepts(stream))
+            except BaseException:  # noqa: BLE001 - nothing may unwind into C
+                return False
+
+        callback = STREAM_FILTER(call)
+        with _LOCK:
+            ctx = self._next_filter
+            self._next_filter += 1
+            self._filters[ctx] = callback
+        # tessera owns ctx from here: it calls _drop_filter on failure too.
+        self._check_code(self.cdll.tessera_begin_allocate_to_pool(device, pool[0], pool[1], callback, ctx, self._drop))
+
+    def _drop_filter(self, ctx: Optional[int]) -> None:
+        with _LOCK:
+            self._filters.pop(ctx or 0, None)
+
+    def end_allocate_to_pool(self, device: int, pool: tuple[int, int]) -> None:
+        """Stops routing to ``pool`` (PyTorch's ``endAllocateToPool``)."""
+        self._check_code(self.cdll.tessera_end_allocate_to_pool(device, pool[0], pool[1]))
+
+    def release_pool(self, device: int, pool: tuple[int, int]) -> None:
+        """Drops a use of ``pool`` (PyTorch's ``releasePool``); at zero uses its memory joins the
+        ordinary cache."""
+        self._check_code(self.cdll.tessera_release_pool(device, pool[0], pool[1]))
+
+    # OOM hooks -------------------------------------------------------------------------------
 
     def add_oom_hook(self, fn: Callable[[int, int], Optional[int]]) -> OomHook:
         """Registers ``fn(device, requested_bytes)`` to run when an allocation is about to fail;

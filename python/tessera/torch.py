@@ -13,15 +13,22 @@ Enable it at the top of the script, before anything initialises CUDA::
 things raise for a pluggable allocator, and it makes them answer from tessera:
 ``torch.cuda.memory_stats()`` and its relatives, from tessera's statistics; and
 ``torch.cuda.memory._snapshot()`` (so ``_dump_snapshot()`` and ``torch.cuda.memory_snapshot()``),
-from tessera's segments and blocks in PyTorch's format, which PyTorch's memory viewer opens. CUDA graphs (``torch.cuda.graph``, ``make_graphed_callables``,
-``torch.compile(mode="reduce-overhead")``) are not supported: their allocator hooks are left unset
-until they are verified on a GPU, and a capture raises RuntimeError instead of running.
+from tessera's segments and blocks in PyTorch's format, which PyTorch's memory viewer opens.
+
+CUDA graphs work: :func:`enable` also gives PyTorch tessera's three graph hooks, so
+``torch.cuda.graph``, pools shared through ``pool=`` / ``graph_pool_handle()`` and
+``make_graphed_callables`` capture into tessera's private pools. ``torch.compile`` with CUDA graphs
+(``mode="reduce-overhead"``) runs them without CUDA-graph trees, whose allocator checkpoints
+PyTorch's pluggable allocator does not forward (pytorch#163257); it warns once when it does so.
+``torch.cuda.MemPool`` is not available (PyTorch does not forward ``createOrIncrefPool`` to a
+pluggable allocator) and says so.
 """
 
 from __future__ import annotations
 
 import collections
 import os
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -53,9 +60,8 @@ __all__ = [
 Device = Union[None, int, str, torch.device]
 OomErrorMode = Literal["auto", "torch", "runtime"]
 
-#: PyTorch allocator setter -> the tessera function it gets. The CUDA-graph setters
-#: (set_begin_allocate_to_pool, set_end_allocate_to_pool_fn, set_release_pool) are left unset on
-#: purpose: graphs are unsupported until verified on a GPU.
+#: PyTorch allocator setter -> the tessera C function it gets. The CUDA-graph setters
+#: (:data:`tessera._lib.GRAPH_SETTERS`) get C++ functions instead, from ``tessera_torch_graph_hook``.
 HOOKS = {
     "set_init_fn": "tessera_init",
     "set_reset_fn": "tessera_reset",
@@ -98,9 +104,10 @@ def enable(conf: Optional[str] = None, *, oom_error: OomErrorMode = "auto") -> S
     Finds libtessera.so (``$TESSERA_LIBRARY``, next to the package, or the repository's
     ``target/release`` then ``target/debug``), applies ``conf`` (``TESSERA_CONF`` syntax, e.g.
     ``"limit:20GiB"``) with ``tessera_configure``, creates the pluggable allocator with its init,
-    reset (``torch.cuda.empty_cache``), memory-fraction, record-stream and base-alloc hooks, swaps
-    it in, and patches ``torch.cuda.memory_stats`` and its relatives to answer from tessera.
-    CUDA-graph hooks are not set: CUDA graphs are unsupported.
+    reset (``torch.cuda.empty_cache``), memory-fraction, record-stream and base-alloc hooks and
+    the three CUDA-graph hooks (private pools for ``torch.cuda.graph``), swaps it in, and patches
+    ``torch.cuda.memory_stats`` and its relatives to answer from tessera, ``torch.compile`` to use
+    CUDA graphs without trees, and ``torch.cuda.MemPool`` to say it is unavailable.
 
     ``oom_error`` picks what an out-of-memory failure raises: ``"torch"`` is
     ``torch.cuda.OutOfMemoryError`` (through a small C++ shim built once with
@@ -168,11 +175,14 @@ def _make_allocator(library: Library, oom_error: OomErrorMode) -> tuple[_memory.
 
 
 def wire_hooks(raw_allocator: Any, library: Library) -> tuple[str, ...]:
-    """Gives every hook in :data:`HOOKS` to a ``torch._C._CUDAPluggableAllocator`` (each setter
-    takes the C function's address); returns the setters called."""
+    """Gives every hook in :data:`HOOKS` and the three CUDA-graph hooks to a
+    ``torch._C._CUDAPluggableAllocator`` (each setter takes the function's address); returns the
+    setters called."""
     for setter, function in HOOKS.items():
         getattr(raw_allocator, setter)(library.address(function))
-    return tuple(HOOKS)
+    for setter in _lib.GRAPH_SETTERS:
+        getattr(raw_allocator, setter)(library.graph_hook_address(setter))
+    return (*HOOKS, *_lib.GRAPH_SETTERS)
 
 
 def _library() -> Library:
@@ -380,11 +390,15 @@ def _snapshot(device: Device = None, *args: Any, **kwargs: Any) -> dict[str, Any
 
 
 def memory_snapshot(mempool_id: Any = None, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
-    """``torch.cuda.memory_snapshot`` from tessera: the segments of :func:`_snapshot`. tessera has
-    no memory pools: a ``mempool_id`` (``MemPool.snapshot()``) gets every segment too;
+    """``torch.cuda.memory_snapshot`` from tessera: the segments of :func:`_snapshot`; with a
+    ``mempool_id`` (a graph pool's id), only the segments of that private pool, as in PyTorch.
     ``include_traces`` and later arguments are accepted and ignored."""
-    del mempool_id, args, kwargs
-    return _snapshot()["segments"]
+    del args, kwargs
+    segments = _snapshot()["segments"]
+    if mempool_id is None:
+        return segments
+    wanted = tuple(int(x) for x in mempool_id)
+    return [s for s in segments if tuple(s["segment_pool_id"]) == wanted]
 
 
 _PATCHED = {
@@ -407,24 +421,81 @@ _PATCHED = {
 }
 
 
-GRAPHS_UNSUPPORTED = (
-    "tessera: CUDA graph capture is not supported yet (torch.cuda.graph, "
-    "make_graphed_callables, torch.compile(mode='reduce-overhead')). A capture would record "
-    "tessera's stream events into the graph and replay into memory tessera has handed out "
-    "again. Run without graphs, or without tessera."
+#: Inductor modes that capture CUDA graphs.
+_CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")
+_ORIGINAL_COMPILE = torch.compile
+_warned_trees = False
+
+NO_CUDAGRAPH_TREES = (
+    "tessera: torch.compile will capture CUDA graphs without CUDA-graph trees "
+    "(torch._inductor.config.triton.cudagraph_trees = False): the trees checkpoint and restore "
+    "the allocator's pool state through functions PyTorch's pluggable allocator does not forward "
+    "(pytorch#163257). Each compiled graph is then captured into a pool of its own."
 )
 
 
-def _refuse_capture(*_args: Any, **_kwargs: Any) -> None:
-    raise RuntimeError(GRAPHS_UNSUPPORTED)
+def _uses_cudagraphs(mode: Optional[str], options: dict[str, Any]) -> bool:
+    import torch._inductor.config as inductor_config
+
+    return (
+        mode in _CUDAGRAPH_MODES
+        or bool(options.get("triton.cudagraphs"))
+        or bool(inductor_config.triton.cudagraphs)
+    )
+
+
+def _compile(*args: Any, **kwargs: Any) -> Any:
+    """``torch.compile`` under tessera: the same, with CUDA-graph trees off (see
+    :data:`NO_CUDAGRAPH_TREES`) and a warning the first time a compile asks for CUDA graphs."""
+    global _warned_trees
+    if kwargs.get("backend") in (None, "inductor") and not kwargs.get("disable", False):
+        import torch._inductor.config as inductor_config
+
+        options = dict(kwargs.get("options") or {})
+        if options.pop("triton.cudagraph_trees", False):
+            # Asked for by name: it cannot work under tessera; go on without, and say so.
+            kwargs["options"] = options
+            _warned_trees = False
+        inductor_config.triton.cudagraph_trees = False
+        if not _warned_trees and _uses_cudagraphs(kwargs.get("mode"), options):
+            _warned_trees = True
+            warnings.warn(NO_CUDAGRAPH_TREES, RuntimeWarning, stacklevel=2)
+    return _ORIGINAL_COMPILE(*args, **kwargs)
+
+
+MEMPOOL_UNAVAILABLE = (
+    "tessera: torch.cuda.MemPool is not available while tessera is PyTorch's allocator: PyTorch's "
+    "pluggable allocator does not forward createOrIncrefPool, which MemPool needs. CUDA graphs "
+    "do work: share a pool between graphs with torch.cuda.graph_pool_handle() (pool=...)."
+)
+
+_ORIGINAL_MEMPOOL_INIT = getattr(getattr(torch.cuda, "MemPool", None), "__init__", None)
+
+
+def _mempool_init(self: Any, *args: Any, **kwargs: Any) -> None:
+    """``torch.cuda.MemPool.__init__``, with PyTorch's internal error for a pluggable allocator
+    replaced by one that says why and what works instead."""
+    assert _ORIGINAL_MEMPOOL_INIT is not None
+    try:
+        _ORIGINAL_MEMPOOL_INIT(self, *args, **kwargs)
+    except RuntimeError as e:
+        if "createOrIncrefPool" in str(e):
+            raise RuntimeError(f"{MEMPOOL_UNAVAILABLE}\n(PyTorch: {e})") from e
+        raise
 
 
 def _patch_torch() -> None:
     """Replaces the stats functions in ``torch.cuda.memory`` and their re-exports in
-    ``torch.cuda`` (torch's memory_cached/max_memory_cached call the patched ones), and makes a
-    CUDA graph capture fail with a clear error instead of corrupting memory silently."""
+    ``torch.cuda`` (torch's memory_cached/max_memory_cached call the patched ones),
+    ``torch.compile`` (CUDA graphs without trees) and ``torch.cuda.MemPool.__init__`` (a clear
+    error)."""
     for module in (_memory, torch.cuda):
         for name, fn in _PATCHED.items():
             if hasattr(module, name):
                 setattr(module, name, fn)
-    torch.cuda.CUDAGraph.capture_begin = _refuse_capture
+    torch.compile = _compile  # type: ignore[assignment]
+    if "torch._inductor.config" in sys.modules:
+        sys.modules["torch._inductor.config"].triton.cudagraph_trees = False
+    mempool = getattr(torch.cuda, "MemPool", None)
+    if mempool is not None and _ORIGINAL_MEMPOOL_INIT is not None:
+        mempool.__init__ = _mempool_init

@@ -216,8 +216,16 @@ def test_snapshot_lists_live_blocks_and_stats(lib):
         assert mine[0]["state"] == "allocated" and mine[0]["requested_size"] == 5 * MiB + 7
         assert mine[0]["size"] == lib.base_alloc(p)[1]
         assert all(seg["kind"] in ("large", "small", "legacy") for seg in snap["segments"])
-        assert set(snap["stats"]) == set(stats) | {"last_driver_error"}
-        assert {k: snap["stats"][k] for k in stats} == stats
+        # The C struct sums the private pools; the JSON lists them (and capture_underway is a bool).
+        sums = {"private_pool_held_bytes", "private_pool_allocated_bytes"}
+        assert set(snap["stats"]) == (set(stats) - sums) | {"last_driver_error"}
+        pools = snap["stats"]["private_pools"]
+        assert len(pools) == stats["private_pools"]
+        assert sum(q["held_bytes"] for q in pools) == stats["private_pool_held_bytes"]
+        assert sum(q["allocated_bytes"] for q in pools) == stats["private_pool_allocated_bytes"]
+        assert snap["stats"]["capture_underway"] == bool(stats["capture_underway"])
+        plain = set(stats) - sums - {"private_pools", "capture_underway"}
+        assert {k: snap["stats"][k] for k in plain} == {k: stats[k] for k in plain}
     finally:
         lib.free(p, DEV)
 
@@ -483,3 +491,74 @@ def test_memory_snapshot_is_pytorchs_format_and_tiles_every_segment(lib):
     finally:
         lib.free(p, 0)
         lib.free(q, 1)
+
+
+# CUDA graphs: private pools through the C ABI -----------------------------------------------
+
+
+def _pool_of(lib, device, ptr):
+    blocks = (b for s in lib.snapshot(device)["segments"] for b in s["blocks"])
+    return next(b["pool"] for b in blocks if b["address"] == ptr)
+
+
+def test_a_route_sends_the_streams_its_filter_accepts_to_the_private_pool(lib):
+    seen = []
+    pool = (31, 0)
+
+    def accepts(stream):
+        seen.append(stream)
+        return stream == 0x21
+
+    lib.begin_allocate_to_pool(DEV, pool, accepts)
+    try:
+        assert lib.stats(DEV)["capture_underway"] == 1
+        routed = lib.malloc(2 * MiB, DEV, 0x21)
+        ordinary = lib.malloc(2 * MiB, DEV, 0x22)
+        assert 0x21 in seen and 0x22 in seen
+        assert _pool_of(lib, DEV, routed) == [31, 0]
+        assert _pool_of(lib, DEV, ordinary) is None
+        s = lib.stats(DEV)
+        assert s["private_pools"] == 1 and s["private_pool_allocated_bytes"] == 2 * MiB
+        assert s["private_pool_held_bytes"] >= 2 * MiB
+    finally:
+        lib.end_allocate_to_pool(DEV, pool)
+    assert lib.stats(DEV)["capture_underway"] == 0
+    assert not lib._filters, "the filter was dropped when the route ended"
+    # Freed, the block stays the pool's: an ordinary request gets other memory.
+    lib.free(routed, DEV)
+    again = lib.malloc(2 * MiB, DEV, 0x21)
+    assert again != routed
+    lib.free(again, DEV)
+    lib.release_pool(DEV, pool)
+    assert lib.stats(DEV)["private_pools"] == 0
+    lib.free(ordinary, DEV)
+    lib.empty_cache(DEV)
+    assert lib.stats(DEV)["reserved_bytes"] == 0
+
+
+def test_a_filter_that_raises_routes_nothing(lib):
+    def broken(_stream):
+        raise ValueError("no")
+
+    lib.begin_allocate_to_pool(DEV, (32, 0), broken)
+    p = lib.malloc(MiB, DEV, 0x21)
+    assert _pool_of(lib, DEV, p) is None
+    lib.end_allocate_to_pool(DEV, (32, 0))
+    lib.release_pool(DEV, (32, 0))
+    lib.free(p, DEV)
+
+
+def test_pool_calls_out_of_order_raise_private_pool_errors(lib):
+    with pytest.raises(tessera.TesseraError, match="not being routed") as e:
+        lib.end_allocate_to_pool(DEV, (33, 0))
+    assert e.value.code == E.PRIVATE_POOL
+    with pytest.raises(tessera.TesseraError, match="no private pool"):
+        lib.release_pool(DEV, (33, 0))
+    with pytest.raises(tessera.TesseraError, match=r"\(0, 0\)"):
+        lib.begin_allocate_to_pool(DEV, (0, 0), lambda s: True)
+    assert not lib._filters, "a refused begin drops its filter too"
+    with pytest.raises(tessera.TesseraError) as e:
+        lib.graph_hook_address("set_init_fn")
+    assert e.value.code == E.INVALID_ARGUMENT
+    addresses = {s: lib.graph_hook_address(s) for s in tessera._lib.GRAPH_SETTERS}
+    assert len(set(addresses.values())) == 3 and all(addresses.values())

@@ -5,6 +5,8 @@ allocations made through the ctypes Library (the same process-wide allocator PyT
 from __future__ import annotations
 
 import ctypes
+import threading
+import warnings
 
 import pytest
 from support import GiB, MiB, check, import_torch, missing_requirement, run_python
@@ -41,7 +43,7 @@ def test_enable_swaps_in_the_pluggable_allocator(state, lib):
     assert state.oom_error == "runtime" and state.conf is None
     assert isinstance(state.allocator, torch.cuda.memory.CUDAPluggableAllocator)
     assert torch.cuda.memory._get_current_allocator().allocator() is state.allocator.allocator()
-    assert state.hooks == tuple(tt.HOOKS)
+    assert state.hooks == (*tt.HOOKS, *tessera._lib.GRAPH_SETTERS)
     assert not torch.cuda.is_initialized()
 
 
@@ -56,19 +58,21 @@ def test_enable_again_returns_the_same_state(state):
         tt.enable(oom_error="never")  # type: ignore[arg-type]
 
 
-def test_every_non_graph_hook_is_wired_with_its_c_address(state, lib):
+def test_every_hook_is_wired_with_its_address(state, lib):
     calls: list[tuple[str, int]] = []
 
     class Recorder:
         def __getattr__(self, setter):
             return lambda address: calls.append((setter, address))
 
-    assert tt.wire_hooks(Recorder(), lib) == tuple(tt.HOOKS)
-    assert dict(calls) == {setter: lib.address(fn) for setter, fn in tt.HOOKS.items()}
+    graph_setters = ("set_begin_allocate_to_pool", "set_end_allocate_to_pool_fn", "set_release_pool")
+    assert tessera._lib.GRAPH_SETTERS == graph_setters
+    assert tt.wire_hooks(Recorder(), lib) == (*tt.HOOKS, *graph_setters) == state.hooks
+    expected = {setter: lib.address(fn) for setter, fn in tt.HOOKS.items()}
+    expected.update({setter: lib.graph_hook_address(setter) for setter in graph_setters})
+    assert dict(calls) == expected
     real = type(state.allocator.allocator())
-    assert all(hasattr(real, setter) for setter in tt.HOOKS)
-    graph_setters = {"set_begin_allocate_to_pool", "set_end_allocate_to_pool_fn", "set_release_pool"}
-    assert graph_setters <= set(dir(real)) and not graph_setters & set(tt.HOOKS)
+    assert all(hasattr(real, setter) for setter in expected)
 
 
 def test_enable_too_late_says_how_to_fix_it():
@@ -231,12 +235,124 @@ def test_stats_functions_are_patched_in_both_modules(state):
         assert getattr(torch.cuda.memory, name) is getattr(tt, name), name
 
 
-def test_graph_capture_is_refused_with_a_clear_error(state):
-    # The graph hooks are unset; a capture would corrupt memory, so it fails before it starts.
-    assert torch.cuda.CUDAGraph.capture_begin is tt._refuse_capture
-    # (torch.cuda.graph's __enter__ synchronises the GPU first, so call the capture directly.)
-    with pytest.raises(RuntimeError, match="CUDA graph capture is not supported"):
-        torch.cuda.CUDAGraph.capture_begin(object())
+# CUDA graphs: PyTorch's own C++ calls reach tessera's hooks ----------------------------------
+#
+# torch.cuda.graph calls c10::cuda::CUDACachingAllocator::beginAllocateToPool (capture_begin),
+# endAllocateToPool (capture_end) and releasePool (graph reset). These torch._C functions make
+# the same calls, with PyTorch's own std::function filters, and need no GPU: they go through
+# CUDAPluggableAllocator to the hooks enable() set, exactly as a capture would.
+
+
+def _pool_of(lib, ptr):
+    blocks = (b for s in lib.snapshot(DEV)["segments"] for b in s["blocks"])
+    return next(b["pool"] for b in blocks if b["address"] == ptr)
+
+
+def _private_pools(device=DEV):
+    return {tuple(p["id"]): p for p in tt.snapshot(device)["stats"]["private_pools"]}
+
+
+def test_pytorch_routes_a_threads_allocations_to_a_private_pool_through_the_hooks(state, lib):
+    pool = (41, 0)
+    # PyTorch's filter here: "allocations of this thread" (std::this_thread::get_id() == tid).
+    torch._C._cuda_beginAllocateCurrentThreadToPool(DEV, pool)
+    try:
+        mine = lib.malloc(2 * MiB, DEV)
+        box = {}
+        t = threading.Thread(target=lambda: box.setdefault("p", lib.malloc(2 * MiB, DEV)))
+        t.start()
+        t.join()
+        assert _pool_of(lib, mine) == [41, 0]
+        assert _pool_of(lib, box["p"]) is None, "another thread's allocation stays ordinary"
+        p = _private_pools()[pool]
+        assert p["uses"] == 1 and p["routed"] and p["allocated_bytes"] == 2 * MiB
+        assert tt.stats(DEV)["capture_underway"] == 1
+        # torch.cuda.memory_snapshot(mempool_id) lists the pool's segments only.
+        segs = tt.memory_snapshot(pool)
+        assert segs and all(tuple(s["segment_pool_id"]) == pool for s in segs)
+        assert any(b["address"] == mine for s in segs for b in s["blocks"])
+        assert not any(b["address"] == box["p"] for s in segs for b in s["blocks"])
+    finally:
+        torch._C._cuda_endAllocateToPool(DEV, pool)
+    assert tt.stats(DEV)["capture_underway"] == 0 and not _private_pools()[pool]["routed"]
+    lib.free(mine, DEV)
+    torch._C._cuda_releasePool(DEV, pool)
+    assert pool not in _private_pools()
+    lib.free(box["p"], DEV)
+    tt.empty_cache(DEV)
+    assert tt.stats(DEV)["reserved_bytes"] == 0
+
+
+def test_graphs_sharing_a_pool_handle_add_uses(state, lib):
+    # graph_pool_handle() is what torch.cuda.graph(pool=...) shares; it needs no GPU.
+    handle = torch.cuda.graph_pool_handle()
+    assert not torch.cuda.is_initialized()
+    for _ in range(2):
+        torch._C._cuda_beginAllocateToPool(DEV, handle)
+        p = lib.malloc(MiB, DEV)
+        lib.free(p, DEV)
+        torch._C._cuda_endAllocateToPool(DEV, handle)
+    assert _private_pools()[tuple(handle)]["uses"] == 2
+    torch._C._cuda_releasePool(DEV, handle)
+    assert _private_pools()[tuple(handle)]["uses"] == 1
+    torch._C._cuda_releasePool(DEV, handle)
+    assert tuple(handle) not in _private_pools()
+
+
+def test_hooks_called_out_of_order_raise_runtime_error_with_tessera_message(state):
+    pool = (42, 0)
+    with pytest.raises(RuntimeError, match=r"end_allocate_to_pool: .*not being routed to pool \(42, 0\)"):
+        torch._C._cuda_endAllocateToPool(DEV, pool)
+    with pytest.raises(RuntimeError, match=r"release_pool: .*no private pool \(42, 0\)"):
+        torch._C._cuda_releasePool(DEV, pool)
+    torch._C._cuda_beginAllocateToPool(DEV, pool)
+    with pytest.raises(RuntimeError, match="already routed"):
+        torch._C._cuda_beginAllocateToPool(DEV, pool)
+    torch._C._cuda_endAllocateToPool(DEV, pool)
+    torch._C._cuda_releasePool(DEV, pool)
+    assert pool not in _private_pools()
+
+
+def test_torch_compile_runs_cuda_graphs_without_trees_and_warns_once(state):
+    import torch._inductor.config as inductor_config
+
+    assert torch.compile is tt._compile
+    tt._warned_trees = False
+    inductor_config.triton.cudagraph_trees = True
+
+    def f(x):
+        return x + 1
+
+    with pytest.warns(RuntimeWarning, match="without CUDA-graph trees"):
+        torch.compile(f, mode="reduce-overhead")
+    assert inductor_config.triton.cudagraph_trees is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.compile(f, mode="reduce-overhead")  # once only
+        torch.compile(f)  # no CUDA graphs: nothing to say
+    # Asking for trees by name cannot work: warned again, and dropped from the options.
+    with pytest.warns(RuntimeWarning, match="pytorch#163257"):
+        torch.compile(f, options={"triton.cudagraphs": True, "triton.cudagraph_trees": True})
+    assert not torch.cuda.is_initialized()
+
+
+def test_mempool_says_why_it_is_unavailable(state, monkeypatch):
+    assert torch.cuda.MemPool.__init__ is tt._mempool_init
+
+    def pytorch_refuses(self, *args, **kwargs):
+        raise RuntimeError("CUDAPluggableAllocator does not yet support createOrIncrefPool. If you need it, ...")
+
+    monkeypatch.setattr(tt, "_ORIGINAL_MEMPOOL_INIT", pytorch_refuses)
+    with pytest.raises(RuntimeError, match="torch.cuda.MemPool is not available while tessera") as e:
+        torch.cuda.MemPool()
+    assert "graph_pool_handle" in str(e.value) and "createOrIncrefPool" in str(e.value)
+
+    def other_error(self, *args, **kwargs):
+        raise RuntimeError("Found no NVIDIA driver")
+
+    monkeypatch.setattr(tt, "_ORIGINAL_MEMPOOL_INIT", other_error)
+    with pytest.raises(RuntimeError, match="^Found no NVIDIA driver$"):
+        torch.cuda.MemPool()
 
 
 def test_memory_stats_answer_from_tessera(state, lib):

@@ -374,6 +374,8 @@ impl PytorchAllocator {
                             stream: b.stream.0,
                             small: b.pool == Pool::Small,
                             expandable: seg.page != 0,
+                            // The replay does not model CUDA graphs' private pools.
+                            pool: (0, 0),
                             blocks: Vec::new(),
                         });
                         s.total_size += b.size;
