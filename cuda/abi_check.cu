@@ -12,7 +12,11 @@
 //      leaves no other memory; until that stream is done its memory must not be handed out again;
 //   5. a block freed on one stream while that stream's work on it is queued must not be handed to
 //      another stream before that work is done (same cap trick);
-//   6. free everything, empty the cache: nothing stays reserved.
+//   6. a CUDA graph capture (global mode) routed to a private pool: allocations, a free and a
+//      reuse inside the capture (driver allocations in relaxed mode), an ordinary allocation on
+//      another stream meanwhile; the capture must end valid, its replay must write the patterns,
+//      the pool's memory must stay private until released, and then come back;
+//   7. free everything, empty the cache: nothing stays reserved.
 // Every CUDA call is checked (file:line, error name, exit 1). Prints a summary and
 // "abi_check: OK".
 //
@@ -464,6 +468,63 @@ static void phase_cross_stream_reuse(size_t page) {
   CHECK(tessera_set_limit(DEV, 0) == 0, "tessera_set_limit(0) (no limit)");
 }
 
+// Phase 6: a CUDA graph capture into a private pool, as PyTorch's torch.cuda.graph drives it.
+static bool capture_filter(void *ctx, cudaStream_t stream) {
+  return stream == *static_cast<cudaStream_t *>(ctx);
+}
+
+static void phase_graph() {
+  // The ordinary cache holds freed memory on s1 first: the capture must not take it.
+  uint8_t *warm = alloc_filled(8 * MiB, s1);
+  CUDA_CHECK(cudaStreamSynchronize(s1));
+  free_ptr(warm);
+  const uint64_t pool = 77;
+  CHECK(tessera_begin_allocate_to_pool(DEV, pool, 0, capture_filter, &s1, nullptr) == 0,
+        "tessera_begin_allocate_to_pool");
+  CUDA_CHECK(cudaStreamBeginCapture(s1, cudaStreamCaptureModeGlobal));
+  uint8_t *a = alloc_filled(4 * MiB, s1);  // captured, not run
+  uint8_t *tmp = alloc_filled(2 * MiB, s1);
+  free_ptr(tmp);
+  uint8_t *b = alloc_filled(2 * MiB, s1);
+  CHECK(b == tmp, "a block freed into the pool during the capture is reused at once (%p, %p)",
+        (void *)b, (void *)tmp);
+  CHECK(a != warm && b != warm, "the capture took the ordinary cache's block");
+  uint8_t *side = alloc_filled(3 * MiB, s2);  // s2 is not capturing: ordinary memory, runs now
+  tessera_stats during = stats();
+  CHECK(during.capture_underway == 1 && during.private_pools == 1 &&
+            during.private_pool_allocated_bytes == 6 * MiB,
+        "during the capture: capture_underway %llu, pools %llu, pool allocated %llu",
+        (unsigned long long)during.capture_underway, (unsigned long long)during.private_pools,
+        (unsigned long long)during.private_pool_allocated_bytes);
+  cudaGraph_t graph;
+  // Fails with cudaErrorStreamCaptureInvalidated if tessera made a call the capture forbids.
+  CUDA_CHECK(cudaStreamEndCapture(s1, &graph));
+  CHECK(tessera_end_allocate_to_pool(DEV, pool, 0) == 0, "tessera_end_allocate_to_pool");
+  cudaGraphExec_t exec;
+  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  CUDA_CHECK(cudaGraphLaunch(exec, s1));
+  verify_all("after the graph's replay");  // the fills of a and b ran only in the replay
+  CUDA_CHECK(cudaGraphLaunch(exec, s1));
+  verify_all("after a second replay");
+  // Pool memory stays private: freed, it does not serve an ordinary request of the same size.
+  free_ptr(b);
+  uint8_t *ordinary = alloc_filled(2 * MiB, s1);
+  CHECK(ordinary != b, "the pool's free block served an ordinary request");
+  CUDA_CHECK(cudaGraphExecDestroy(exec));
+  CUDA_CHECK(cudaGraphDestroy(graph));
+  CUDA_CHECK(cudaDeviceSynchronize());
+  free_ptr(a);
+  CHECK(tessera_release_pool(DEV, pool, 0) == 0, "tessera_release_pool");
+  free_ptr(ordinary);
+  free_ptr(side);
+  CHECK(stats().private_pools == 0, "the pool is still listed after its release");
+  tessera_empty_cache(DEV);
+  CHECK(stats().reserved_bytes == 0, "the pool's memory did not come back: %llu B reserved",
+        (unsigned long long)stats().reserved_bytes);
+  std::printf("abi_check: graph capture into a private pool: valid, replayed twice, pool private, "
+              "memory back\n");
+}
+
 int main() {
   // This program is for a real GPU: never the simulated device.
   setenv("TESSERA_DRIVER", "cuda", 1);
@@ -497,8 +558,9 @@ int main() {
   phase_mixed_and_churn();
   phase_record_stream(page);
   phase_cross_stream_reuse(page);
+  phase_graph();
 
-  // Phase 6: nothing live, nothing kept.
+  // Phase 7: nothing live, nothing kept.
   CHECK(live.empty(), "internal: %zu allocations still live", live.size());
   CUDA_CHECK(cudaDeviceSynchronize());
   tessera_clear_last_error();

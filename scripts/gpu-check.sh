@@ -10,16 +10,19 @@
 # Steps (each prints one PASS/FAIL/SKIP line; the exit status is 1 if any step failed):
 #   1. abi_check     nvcc-compiles cuda/abi_check.cu against the carried libtessera.so and runs it
 #                    with TESSERA_DRIVER=cuda: remapping under a cap, kernel-verified patterns in
-#                    every live allocation, two streams, record_stream, an OOM.
+#                    every live allocation, two streams, record_stream, an OOM, a CUDA graph
+#                    captured into a private pool and replayed.
 #   1b. sanitizer    the same program under compute-sanitizer's memcheck (invalid device accesses,
 #                    e.g. a kernel touching memory tessera unmapped); SKIP without compute-sanitizer.
-#   2. c_abi_sim     tests/c/abi_test.c and tests/c/torch_malloc_test.cpp against the same library,
+#   2. c_abi_sim     tests/c/abi_test.c, torch_malloc_test.cpp and graph_hooks_test.cpp against the same library,
 #                    on the SIMULATED device (TESSERA_DRIVER=sim): they write device memory with the
 #                    CPU (memset/memcmp), which is only valid there, so they never run with
 #                    TESSERA_DRIVER=cuda. This step only shows the carried library works on this
 #                    machine; SKIP without gcc/g++.
 #   3. torch         scripts/gpu_torch_check.py: tessera as PyTorch's allocator (training parity with
-#                    the native allocator, OOM, OOM hook, empty_cache, record_stream, CUDA graphs).
+#                    the native allocator, OOM, OOM hook, empty_cache, record_stream, snapshot, a
+#                    training step captured as a CUDA graph, shared pools, make_graphed_callables,
+#                    torch.compile(mode="reduce-overhead")).
 #
 # Environment: TESSERA_LIBRARY (default target/release/libtessera.so), PYTHON (default python3),
 # NVCC (default nvcc), NVCC_FLAGS (default -arch=native, dropped if nvcc rejects it). Logs go to
@@ -133,11 +136,14 @@ else
   if run c_abi_build gcc -std=c11 -Wall -Wextra -Werror -pedantic -O2 -pthread -I"$ROOT/include" \
        "$ROOT/tests/c/abi_test.c" -L"$LIBDIR" -ltessera -Wl,-rpath,"$LIBDIR" -o "$BUILD/abi_test" \
      && run c_abi_build_cpp g++ -std=c++17 -Wall -Wextra -Werror -pedantic -O2 -pthread -I"$ROOT/include" \
-       "$ROOT/tests/c/torch_malloc_test.cpp" -L"$LIBDIR" -ltessera -Wl,-rpath,"$LIBDIR" -o "$BUILD/torch_malloc_test"; then
-    if run c_abi_sim "${SIM_ENV[@]}" "$BUILD/abi_test" && run c_torch_malloc_sim "${SIM_ENV[@]}" "$BUILD/torch_malloc_test"; then
-      verdict PASS c_abi_sim "abi_test and torch_malloc_test passed on the simulated device with the carried library"
+       "$ROOT/tests/c/torch_malloc_test.cpp" -L"$LIBDIR" -ltessera -Wl,-rpath,"$LIBDIR" -o "$BUILD/torch_malloc_test" \
+     && run c_abi_build_graphs g++ -std=c++17 -Wall -Wextra -Werror -pedantic -O2 -pthread -I"$ROOT/include" \
+       "$ROOT/tests/c/graph_hooks_test.cpp" -L"$LIBDIR" -ltessera -Wl,-rpath,"$LIBDIR" -o "$BUILD/graph_hooks_test"; then
+    if run c_abi_sim "${SIM_ENV[@]}" "$BUILD/abi_test" && run c_torch_malloc_sim "${SIM_ENV[@]}" "$BUILD/torch_malloc_test" \
+       && run c_graph_hooks_sim "${SIM_ENV[@]}" "$BUILD/graph_hooks_test"; then
+      verdict PASS c_abi_sim "abi_test, torch_malloc_test and graph_hooks_test passed on the simulated device with the carried library"
     else
-      verdict FAIL c_abi_sim "see $LOGS/c_abi_sim.log and $LOGS/c_torch_malloc_sim.log"
+      verdict FAIL c_abi_sim "see $LOGS/c_abi_sim.log, $LOGS/c_torch_malloc_sim.log and $LOGS/c_graph_hooks_sim.log"
     fi
   else
     verdict FAIL c_abi_sim "the C/C++ tests did not compile against the carried header (see $LOGS/c_abi_build*.log)"

@@ -22,8 +22,15 @@ PASS/FAIL/SKIP with its figures, plus a `JSON {...}` line with everything it mea
   record_stream a tensor read on a second stream (record_stream) and freed while that stream is
                 still busy is not handed out again before the stream is done, under a cap that
                 leaves no other memory: the reader sees the right values
-  graph         torch.cuda.graph capture: unsupported by tessera today; reported as SKIP
-                (expected) when refused cleanly, FAIL if the process crashes
+  graph         a small model's whole training step (forward, backward, SGD step) captured with
+                torch.cuda.graph and replayed --steps times: the losses must equal eager mode's,
+                the graph's loss and gradients must sit in its private pool and no eager tensor
+                made afterwards in one, and after the graph is deleted and empty_cache runs no
+                pool is left and reserved memory is back to what it was before the capture
+  graph_api     two graphs sharing pool=torch.cuda.graph_pool_handle() (the second reads the
+                first's output; the pool has 2 uses), make_graphed_callables (forward and
+                backward against the eager module), torch.compile(mode="reduce-overhead")
+                (CUDA graphs without trees under tessera) against eager
 
 Exit status: 0 when every check passed or was skipped and at least one passed; 1 when any
 failed; 3 when nothing was checked (no GPU). --dry-run only imports and wires everything (no CUDA
@@ -47,8 +54,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 REPO = Path(__file__).resolve().parent.parent
-CHECKS = ("train", "oom", "oom_hook", "empty_cache", "record_stream", "snapshot", "graph")
-WORKERS = ("train-native", "train-tessera", "oom", "oom_hook", "empty_cache", "record_stream", "snapshot", "graph")
+CHECKS = ("train", "oom", "oom_hook", "empty_cache", "record_stream", "snapshot", "graph", "graph_api")
+WORKERS = ("train-native", "train-tessera", "oom", "oom_hook", "empty_cache", "record_stream", "snapshot", "graph",
+           "graph_api")
 MiB = 1 << 20
 GiB = 1 << 30
 OOM_PREFIX = "CUDA out of memory."
@@ -413,36 +421,173 @@ def worker_record_stream(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _pool_blocks(tt: Any, device: int = 0) -> dict[int, Any]:
+    """address -> the block's pool ([a, b] or None), from tessera's snapshot."""
+    return {b["address"]: b["pool"] for s in tt.snapshot(device)["segments"] for b in s["blocks"]}
+
+
 def worker_graph(args: argparse.Namespace) -> dict[str, Any]:
-    """A CUDA graph capture under tessera: refused today. Reports what happened."""
+    """A small model's whole training step captured with torch.cuda.graph and replayed under
+    tessera: the losses equal eager mode's, the graph's memory is its private pool's and no eager
+    tensor gets it, and the memory comes back after the graph is deleted and empty_cache runs."""
+    tt, state = enable_tessera()
+    import copy
+
+    import torch
+
+    if args.dry_run:
+        return {"status": "DRY", "hooks": list(state.hooks)}
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).to(dev)
+    eager = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    eager_opt = torch.optim.SGD(eager.parameters(), lr=0.05)
+    loss_fn = torch.nn.MSELoss()
+    batches = [(torch.randn(32, 64, device=dev), torch.randn(32, 10, device=dev)) for _ in range(args.steps + 3)]
+    static_x, static_y = torch.empty_like(batches[0][0]), torch.empty_like(batches[0][1])
+
+    def step(m: Any, o: Any, x: Any, y: Any) -> Any:
+        o.zero_grad(set_to_none=True)
+        loss = loss_fn(m(x), y)
+        loss.backward()
+        o.step()
+        return loss
+
+    # Warm-up on a side stream (PyTorch's recipe), the same batches eagerly for the reference.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in batches[:3]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            step(model, opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in batches[:3]:
+        step(eager, eager_opt, x, y)
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    reserved_before = tt.stats(0)["reserved_bytes"]
+
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):  # raises if the capture was invalidated
+        static_loss = loss_fn(model(static_x), static_y)
+        static_loss.backward()
+        opt.step()
+    pool = tuple(graph.pool())
+    pools = {tuple(p["id"]): p for p in tt.snapshot(0)["stats"]["private_pools"]}
+    graph_losses, eager_losses = [], []
+    for x, y in batches[3:]:
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        graph_losses.append(static_loss.item())
+        eager_losses.append(step(eager, eager_opt, x, y).item())
+    blocks = _pool_blocks(tt)
+    loss_in_pool = blocks.get(static_loss.data_ptr()) == list(pool)
+    grads_in_pool = all(blocks.get(p.grad.data_ptr()) == list(pool) for p in model.parameters())
+    # Eager tensors made now, of the graph's sizes, never get the pool's memory.
+    eager_tensors = [torch.empty_like(p) for p in model.parameters()] + [torch.empty(32, 256, device=dev)]
+    blocks = _pool_blocks(tt)
+    eager_private = [t.data_ptr() for t in eager_tensors if blocks.get(t.data_ptr()) is not None]
+    close = all(math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-6) for a, b in zip(graph_losses, eager_losses))
+    # Delete the graph and everything it owns: its pool joins the ordinary cache.
+    del graph, static_loss, eager_tensors
+    for p in model.parameters():
+        p.grad = None
+    opt = None
+    torch.cuda.synchronize()
+    import gc
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    after = tt.stats(0)
+    ok = (
+        close
+        and pool in pools
+        and pools[pool]["uses"] == 1
+        and loss_in_pool
+        and grads_in_pool
+        and not eager_private
+        and after["private_pools"] == 0
+        and after["reserved_bytes"] <= reserved_before
+    )
+    return {
+        "status": "PASS" if ok else "FAIL",
+        "why": (
+            f"{len(graph_losses)} replays, losses equal eager: {close} (last {graph_losses[-1]:.6f} vs "
+            f"{eager_losses[-1]:.6f}); pool {pool} held {pools.get(pool, {}).get('held_bytes')} B, loss and "
+            f"grads in it: {loss_in_pool and grads_in_pool}; eager tensors in a pool: {len(eager_private)}; "
+            f"after delete + empty_cache: {after['private_pools']} pools, reserved "
+            f"{after['reserved_bytes']} B (before the capture {reserved_before} B)"
+        ),
+        "graph_losses": graph_losses,
+        "eager_losses": eager_losses,
+        "pool": pools.get(pool),
+        "reserved_before": reserved_before,
+        "reserved_after": after["reserved_bytes"],
+    }
+
+
+def worker_graph_api(args: argparse.Namespace) -> dict[str, Any]:
+    """Two graphs sharing a pool (pool=torch.cuda.graph_pool_handle()), make_graphed_callables,
+    and torch.compile(mode="reduce-overhead"), each against eager mode."""
     tt, state = enable_tessera()
     import torch
 
     if args.dry_run:
         return {"status": "DRY"}
-    x = torch.zeros(1 << 20, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        y = x + 1  # warm-up outside the capture, as PyTorch recommends
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
+    dev = torch.device("cuda")
+    results: dict[str, Any] = {}
+    # 1. A shared pool: the second graph reads the first one's output.
+    handle = torch.cuda.graph_pool_handle()
+    x = torch.randn(1 << 16, device=dev)
+    g1, g2 = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g1, pool=handle):
+        y1 = x * 2
+    with torch.cuda.graph(g2, pool=handle):
+        y2 = y1 + 1
+    pools = {tuple(p["id"]): p for p in tt.snapshot(0)["stats"]["private_pools"]}
+    x.copy_(torch.arange(x.numel(), device=dev, dtype=x.dtype))
+    g1.replay()
+    g2.replay()
+    shared_ok = bool(torch.equal(y2, x * 2 + 1)) and pools.get(tuple(handle), {}).get("uses") == 2
+    results["shared_pool"] = {"ok": shared_ok, "uses": pools.get(tuple(handle), {}).get("uses")}
+    del g1, g2, y1, y2
+    # 2. make_graphed_callables: forward and backward against the eager module.
+    torch.manual_seed(1)
+    module = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8)).to(dev)
+    sample = torch.randn(16, 32, device=dev, requires_grad=True)
+    graphed = torch.cuda.make_graphed_callables(module, (sample,))
+    inp = torch.randn(16, 32, device=dev, requires_grad=True)
+    out = graphed(inp)
+    out.sum().backward()
+    g_in = inp.grad.clone()
+    inp.grad = None
+    ref = module(inp)
+    ref.sum().backward()
+    callables_ok = bool(torch.allclose(out, ref, atol=1e-5)) and bool(torch.allclose(g_in, inp.grad, atol=1e-5))
+    results["make_graphed_callables"] = {"ok": callables_ok}
+    # 3. torch.compile with CUDA graphs (no trees under tessera).
     try:
-        with torch.cuda.graph(g):
-            y = x + 1
-    except Exception as e:  # noqa: BLE001 - any clean refusal is what we look for
-        message = str(e)
-        unsupported = "not supported" in message or "unsupported" in message.lower()
-        return {
-            "status": "UNSUPPORTED" if unsupported else "ERROR",
-            "type": type(e).__name__,
-            "message": message[:400],
-        }
-    x.fill_(41.0)
-    g.replay()
-    torch.cuda.synchronize()
-    ok = bool((y == 42.0).all().item())
-    return {"status": "WORKS" if ok else "WRONG", "replay_correct": ok}
+        def f(t: Any) -> Any:
+            return (t * 3).sin() + 1
+
+        compiled = torch.compile(f, mode="reduce-overhead")
+        t = torch.randn(1 << 12, device=dev)
+        outs = [compiled(t).clone() for _ in range(3)]
+        compile_ok = all(bool(torch.allclose(o, f(t), atol=1e-5)) for o in outs)
+        pools = len(tt.snapshot(0)["stats"]["private_pools"])
+        results["compile_reduce_overhead"] = {"ok": compile_ok, "private_pools": pools}
+    except Exception as e:  # noqa: BLE001 - reported (no triton, for example)
+        results["compile_reduce_overhead"] = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+    ok = all(r["ok"] for r in results.values())
+    return {
+        "status": "PASS" if ok else "FAIL",
+        "why": "; ".join(f"{k}: {'ok' if v['ok'] else v}" for k, v in results.items()),
+        **results,
+    }
 
 
 def run_worker(name: str, args: argparse.Namespace) -> None:
@@ -526,12 +671,6 @@ def judge(name: str, r: dict[str, Any]) -> tuple[str, str]:
     status = r.get("status")
     if status == "ERROR":
         return "FAIL", f"{r.get('type', '')} {r.get('message', '')}".strip() + _tail(r)
-    if name == "graph":
-        if status == "UNSUPPORTED":
-            return "SKIP", f"unsupported, as expected today: {r.get('type')}: {r.get('message', '')[:160]}"
-        if status == "WORKS":
-            return "PASS", "capture and replay worked and gave the right result (graphs are documented as unsupported: update the docs)"
-        return "FAIL", f"capture under tessera: {status}: {r.get('message', '')[:300]}"
     details = {k: v for k, v in r.items() if k not in ("status", "why", "worker", "seconds")}
     text = r.get("why") or ", ".join(f"{k}={v}" for k, v in details.items() if not isinstance(v, (list, dict)))
     return status or "FAIL", text

@@ -306,6 +306,10 @@ def memory_stats_as_nested_dict(device: Device = None) -> dict[str, Any]:
                 "hook_calls",
                 "mapped_pages",
                 "pool_pages",
+                "capture_underway",
+                "private_pools",
+                "private_pool_held_bytes",
+                "private_pool_allocated_bytes",
             )
         }
         # -1: no limit (0 is a real one: no new memory).

@@ -267,6 +267,9 @@ def test_pytorch_routes_a_threads_allocations_to_a_private_pool_through_the_hook
         p = _private_pools()[pool]
         assert p["uses"] == 1 and p["routed"] and p["allocated_bytes"] == 2 * MiB
         assert tt.stats(DEV)["capture_underway"] == 1
+        ms = torch.cuda.memory_stats(DEV)
+        assert ms["tessera.private_pools"] == 1 and ms["tessera.capture_underway"] == 1
+        assert ms["tessera.private_pool_allocated_bytes"] == 2 * MiB
         # torch.cuda.memory_snapshot(mempool_id) lists the pool's segments only.
         segs = tt.memory_snapshot(pool)
         assert segs and all(tuple(s["segment_pool_id"]) == pool for s in segs)
