@@ -181,6 +181,9 @@ impl Driver for Marked {
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()> {
         self.call(|d| d.stream_synchronize(device, stream))
     }
+    fn device_synchronize(&self, device: usize) -> DriverResult<()> {
+        self.call(|d| d.device_synchronize(device))
+    }
     fn stream_begin_capture(
         &self,
         device: usize,

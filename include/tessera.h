@@ -429,7 +429,10 @@ int tessera_end_allocate_to_pool(int device, uint64_t id_first, uint64_t id_seco
 
 /**
  * Drops a use of the private pool: PyTorch's `releasePool`, called when a graph is destroyed.
- * At zero uses its free memory joins the ordinary cache, and its live allocations do when freed.
+ * At zero uses the pool is released: once the device is idle (the graph's last replay may still
+ * run), the next allocation miss, `tessera_empty_cache` or compaction outside a capture
+ * synchronizes the device and gives its free memory to the ordinary cache; its live allocations
+ * join it when freed.
  * Returns 0, or `TESSERA_ERROR_PRIVATE_POOL` for a pool with no use left (or the last use of a
  * pool still routed to).
  */
@@ -441,8 +444,9 @@ int tessera_release_pool(int device, uint64_t id_first, uint64_t id_second);
  * std::function<bool(cudaStream_t)>)`), `"set_end_allocate_to_pool_fn"` or `"set_release_pool"`
  * (each a `void(int, MempoolId_t)`). PyTorch's binding `reinterpret_cast`s the address to that
  * type and calls it; the function forwards to `tessera_begin_allocate_to_pool` (taking the
- * filter over), `tessera_end_allocate_to_pool` or `tessera_release_pool`, and throws a C++
- * `std::runtime_error` with tessera's message when that fails. NULL and
+ * filter over), `tessera_end_allocate_to_pool` or `tessera_release_pool`. A refused begin or end
+ * throws a C++ `std::runtime_error` with tessera's message; a refused release (which PyTorch
+ * calls from a destructor) prints it to stderr and leaves it as the last error. NULL and
  * `TESSERA_ERROR_INVALID_ARGUMENT` for any other name.
  *
  * # Safety

@@ -466,6 +466,10 @@ def worker_graph(args: argparse.Namespace) -> dict[str, Any]:
     for x, y in batches[:3]:
         step(eager, eager_opt, x, y)
     torch.cuda.synchronize()
+    # cuBLAS keeps a workspace per (handle, stream) for the process's life; the capture's stream
+    # would get new ones inside the pool. Cleared before both measurements, as PyTorch's own tests do.
+    clear_workspaces = getattr(torch._C, "_cuda_clearCublasWorkspaces", lambda: None)
+    clear_workspaces()
     torch.cuda.empty_cache()
     reserved_before = tt.stats(0)["reserved_bytes"]
 
@@ -501,6 +505,7 @@ def worker_graph(args: argparse.Namespace) -> dict[str, Any]:
     import gc
 
     gc.collect()
+    clear_workspaces()
     torch.cuda.empty_cache()
     after = tt.stats(0)
     ok = (

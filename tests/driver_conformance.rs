@@ -165,6 +165,16 @@ fn check_events(d: &dyn Driver, device: usize) {
     d.event_record(device, e, s).unwrap();
     d.stream_synchronize(device, s).unwrap();
     assert!(d.event_query(device, e).unwrap());
+    d.event_record(device, e, s).unwrap();
+    d.device_synchronize(device).unwrap();
+    assert!(
+        d.event_query(device, e).unwrap(),
+        "a device synchronize waits for every stream"
+    );
+    assert_eq!(
+        code(d.device_synchronize(d.device_count().unwrap())),
+        CudaError::InvalidDevice
+    );
     d.event_destroy(device, e).unwrap();
 }
 

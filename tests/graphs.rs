@@ -160,15 +160,21 @@ fn at_zero_uses_the_pool_joins_the_ordinary_cache() {
     free(&t, &mut tr, free_later);
     t.release_pool(0, POOL).unwrap();
     t.check_invariants(0).unwrap();
+    // Released, not yet ordinary: the graph's last replay may still run, on any stream.
+    let released = pool_stats(&t, POOL).unwrap();
+    assert_eq!((released.uses, released.routed), (0, false));
+    assert_eq!(pool_of(&t, free_later), Some(POOL));
+    assert_eq!(sim.calls(Call::DeviceSynchronize), 0);
+    // The next miss synchronizes the device; then the free block serves an ordinary request.
+    let again = alloc(&t, &mut tr, 8 * MIB, S).unwrap();
+    assert_eq!(again, free_later);
+    assert_eq!(sim.calls(Call::DeviceSynchronize), 1);
     assert!(pool_stats(&t, POOL).is_none());
     assert_eq!(
         pool_of(&t, live),
         None,
         "a live block joins the ordinary cache"
     );
-    // Its free block serves an ordinary request at once.
-    let again = alloc(&t, &mut tr, 8 * MIB, S).unwrap();
-    assert_eq!(again, free_later);
     free(&t, &mut tr, again);
     // Its live blocks are freed into the ordinary cache, and empty_cache gives everything back.
     free(&t, &mut tr, live);
@@ -485,4 +491,35 @@ fn pytorch_snapshots_give_each_private_pool_its_own_segments() {
             assert!(s.address <= b.address && b.address + b.size <= s.address + s.total_size);
         }
     }
+}
+
+#[test]
+fn a_released_pool_waits_for_an_idle_device_and_not_during_a_capture() {
+    let (sim, t) = sim_alloc(64 * MIB, Config::default());
+    let mut tr = Tracker::default();
+    let (a, b) = (MempoolId(5, 0), MempoolId(6, 0));
+    begin(&sim, &t, a, S);
+    let x = alloc(&t, &mut tr, 8 * MIB, S).unwrap();
+    end(&sim, &t, a, S);
+    free(&t, &mut tr, x);
+    // A second graph captures while the first one's pool is released.
+    begin(&sim, &t, b, OTHER);
+    t.release_pool(0, a).unwrap();
+    let y = alloc(&t, &mut tr, 8 * MIB, S).unwrap(); // ordinary: S is not routed
+    assert_ne!(
+        y, x,
+        "no synchronize during a capture, so the released pool stays private"
+    );
+    assert_eq!(t.empty_cache(0).unwrap(), 0);
+    assert_eq!(pool_of(&t, x), Some(a));
+    end(&sim, &t, b, OTHER);
+    assert_eq!(sim.calls(Call::DeviceSynchronize), 0);
+    // After the capture, empty_cache drains it (one synchronize) and releases its pages.
+    free(&t, &mut tr, y);
+    assert!(t.empty_cache(0).unwrap() >= 16 * MIB);
+    assert_eq!(sim.calls(Call::DeviceSynchronize), 1);
+    assert!(pool_stats(&t, a).is_none());
+    t.release_pool(0, b).unwrap();
+    t.empty_cache(0).unwrap();
+    assert_eq!(sim.bytes_in_use(0), 0);
 }

@@ -6,9 +6,10 @@
 //! the same pool, shared, or a new one), and pools released.
 //!
 //! After every step: every live allocation's pattern is intact, every invariant holds, a new
-//! allocation belongs to the pool its stream is routed to, and **no memory of a private pool with
-//! uses left is ever part of a block of another pool or of the ordinary cache** (the address
-//! ranges each pool's blocks ever covered stay its own until it is released). Every capture ends
+//! allocation belongs to the pool its stream is routed to, and **no memory of a private pool is
+//! ever part of a block of another pool or of the ordinary cache until tessera drains it** (the
+//! address ranges each pool's blocks ever covered stay its own while it has uses, and after its
+//! release until the device was synchronized outside a capture and the pool left the stats). Every capture ends
 //! valid: the simulated driver invalidates a capture on any call a global capture forbids, so this
 //! says tessera made none. At the end, freeing everything, ending and releasing every pool and
 //! emptying the cache gives the device everything back.
@@ -168,18 +169,8 @@ impl World {
 
     fn release(&mut self, id: MempoolId) {
         self.t.release_pool(0, id).unwrap();
-        let u = self.uses.get_mut(&id).unwrap();
-        *u -= 1;
-        if *u == 0 {
-            self.uses.remove(&id);
-            self.private.remove(&id);
-            // Its live allocations are ordinary now.
-            for v in self.live.lock().unwrap().values_mut() {
-                if v.1 == Some(id) {
-                    v.1 = None;
-                }
-            }
-        }
+        // At zero uses the pool is released: private until tessera drains it (`check`).
+        *self.uses.get_mut(&id).unwrap() -= 1;
     }
 
     fn free(&mut self, p: DevicePtr) {
@@ -260,7 +251,7 @@ impl World {
                 let mut ids: Vec<MempoolId> = self
                     .uses
                     .iter()
-                    .filter(|(&id, &u)| !self.capturing || id != self.routed || u > 1)
+                    .filter(|(&id, &u)| u > 0 && (!self.capturing || id != self.routed || u > 1))
                     .map(|(&id, _)| id)
                     .collect();
                 ids.sort_unstable();
@@ -276,6 +267,33 @@ impl World {
     fn check(&mut self) {
         self.tr.lock().unwrap().check();
         self.t.check_invariants(0).unwrap();
+        // Pools tessera no longer lists were drained: they had no use left, and their memory (and
+        // live allocations) are ordinary now.
+        let stats = self.t.stats(0).unwrap();
+        assert_eq!(stats.capture_underway, self.capturing);
+        let listed: Vec<MempoolId> = stats.private_pools.iter().map(|p| p.id).collect();
+        let drained: Vec<MempoolId> = self
+            .uses
+            .keys()
+            .filter(|id| !listed.contains(id))
+            .copied()
+            .collect();
+        for id in drained {
+            assert_eq!(
+                self.uses.remove(&id),
+                Some(0),
+                "pool {id} vanished with uses left"
+            );
+            self.private.remove(&id);
+            for v in self.live.lock().unwrap().values_mut() {
+                if v.1 == Some(id) {
+                    v.1 = None;
+                }
+            }
+        }
+        for p in &stats.private_pools {
+            assert_eq!(self.uses.get(&p.id), Some(&p.uses));
+        }
         let snap = self.t.snapshot(0).unwrap();
         let live = self.live.lock().unwrap();
         for b in snap.segments.iter().flat_map(|s| &s.blocks) {
@@ -289,7 +307,7 @@ impl World {
                 }
             }
             if let Some(p) = b.pool {
-                assert!(self.uses.contains_key(&p), "block of a released pool {p}");
+                assert!(self.uses.contains_key(&p), "block of a drained pool {p}");
                 let r = self.private.entry(p).or_default();
                 if !r
                     .iter()
@@ -307,16 +325,11 @@ impl World {
                         .any(|&(s, e)| b.address < e && s < b.address + b.size);
                     assert!(
                         !overlap,
-                        "block {:#x} ({:?}) lies in memory of pool {p}, which has uses",
+                        "block {:#x} ({:?}) lies in memory of pool {p}, not yet drained",
                         b.address, b.pool
                     );
                 }
             }
-        }
-        let stats = self.t.stats(0).unwrap();
-        assert_eq!(stats.capture_underway, self.capturing);
-        for p in &stats.private_pools {
-            assert_eq!(self.uses.get(&p.id), Some(&p.uses));
         }
     }
 

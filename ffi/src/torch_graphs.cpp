@@ -10,8 +10,9 @@
 //
 // The functions have C linkage so that a loader finds them by name (dlsym, ctypes); their
 // parameters keep their C++ types, and on the Itanium C++ ABI (Linux) linkage does not change
-// how they are passed. A refused call throws std::runtime_error with tessera's message, which
-// PyTorch passes on to Python as a RuntimeError.
+// how they are passed. A refused begin or end throws std::runtime_error with tessera's message,
+// which PyTorch passes on to Python as a RuntimeError; a refused release is printed (see there).
+#include <cstdio>
 #include <functional>
 #include <new>
 #include <stdexcept>
@@ -58,8 +59,10 @@ extern "C" void tessera_torch_end_allocate_to_pool(int device, MempoolId id) {
   }
 }
 
-extern "C" void tessera_torch_release_pool(int device, MempoolId id) {
+// PyTorch calls this one from CUDAGraph's destructor (through reset()), where a throw would end
+// the process (std::terminate): a refusal is printed instead, and stays tessera's last error.
+extern "C" void tessera_torch_release_pool(int device, MempoolId id) noexcept {
   if (tessera_release_pool(device, id.first, id.second) != TESSERA_OK) {
-    refuse("release_pool");
+    std::fprintf(stderr, "tessera: release_pool: %s\n", tessera_last_error());
   }
 }

@@ -263,48 +263,40 @@ fn compile(compiler_env: &str, default: &str, std_flag: &str, source: &str, name
     exe
 }
 
+/// A program of `tests/c/`, compiled once per test binary: C11 with gcc, or C++17 with g++ for a
+/// `.cpp` file.
+fn program(cell: &'static OnceLock<PathBuf>, source: &str) -> &'static Path {
+    cell.get_or_init(|| {
+        let name = Path::new(source)
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("a program's file name");
+        if source.ends_with(".cpp") {
+            compile("CXX", "g++", "-std=c++17", source, name)
+        } else {
+            compile("CC", "gcc", "-std=c11", source, name)
+        }
+    })
+}
+
 fn abi_test() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| compile("CC", "gcc", "-std=c11", "tests/c/abi_test.c", "abi_test"))
+    program(&EXE, "tests/c/abi_test.c")
 }
 
 fn teardown_test() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        compile(
-            "CC",
-            "gcc",
-            "-std=c11",
-            "tests/c/teardown_test.c",
-            "teardown_test",
-        )
-    })
+    program(&EXE, "tests/c/teardown_test.c")
 }
 
 fn torch_malloc_test() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        compile(
-            "CXX",
-            "g++",
-            "-std=c++17",
-            "tests/c/torch_malloc_test.cpp",
-            "torch_malloc_test",
-        )
-    })
+    program(&EXE, "tests/c/torch_malloc_test.cpp")
 }
 
 fn graph_hooks_test() -> &'static Path {
     static EXE: OnceLock<PathBuf> = OnceLock::new();
-    EXE.get_or_init(|| {
-        compile(
-            "CXX",
-            "g++",
-            "-std=c++17",
-            "tests/c/graph_hooks_test.cpp",
-            "graph_hooks_test",
-        )
-    })
+    program(&EXE, "tests/c/graph_hooks_test.cpp")
 }
 
 /// Runs a compiled program on the simulated device: (status, stdout, stderr).

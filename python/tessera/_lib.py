@@ -479,7 +479,10 @@ class Library:
         (stream an int, or None for the default stream) to the private pool ``pool``, creating it
         or adding a use (PyTorch's ``beginAllocateToPool``), until :meth:`end_allocate_to_pool`.
         ``accepts`` runs with tessera's device lock held: it must not call tessera. An exception
-        in it counts as no."""
+        in it counts as no. It needs the GIL, taken inside tessera: no other thread may hold the
+        GIL while it allocates on that device through a path that keeps the GIL (torch's
+        allocations do), or the two wait on each other. PyTorch's graph hooks use C++ filters and
+        have no such limit; this call is for tests and tools."""
 
         def call(_ctx: Optional[int], stream: Optional[int]) -> bool:
             try:

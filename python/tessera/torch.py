@@ -452,7 +452,15 @@ def _compile(*args: Any, **kwargs: Any) -> Any:
     """``torch.compile`` under tessera: the same, with CUDA-graph trees off (see
     :data:`NO_CUDAGRAPH_TREES`) and a warning the first time a compile asks for CUDA graphs."""
     global _warned_trees
-    if kwargs.get("backend") in (None, "inductor") and not kwargs.get("disable", False):
+    if kwargs.get("backend") == "cudagraphs":
+        warnings.warn(
+            "tessera: torch.compile(backend='cudagraphs') always uses CUDA-graph trees, which "
+            "PyTorch's pluggable allocator cannot serve (pytorch#163257); use "
+            "mode='reduce-overhead' with the default backend instead",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    elif kwargs.get("backend") in (None, "inductor") and not kwargs.get("disable", False):
         import torch._inductor.config as inductor_config
 
         options = dict(kwargs.get("options") or {})

@@ -14,9 +14,12 @@
 //!
 //! # The rules (PyTorch's, `c10/cuda/CUDACachingAllocator.cpp`)
 //! - `begin(id, filter)` creates the pool or adds a use, and starts routing to it; `end(id)` stops
-//!   routing; `release(id)` drops a use. At zero uses the pool's memory joins the ordinary cache:
-//!   its free blocks and granules at once, its live blocks when they are freed (they are retagged
-//!   now and freed where they then belong).
+//!   routing; `release(id)` drops a use. At zero uses the pool is *released*: its memory joins the
+//!   ordinary cache once the device is idle, because PyTorch releases a graph's pool without
+//!   waiting for its last replay, which may still run on any stream. The next slow path, cache
+//!   release or compaction outside a capture synchronizes the device (`cuCtxSynchronize`) and
+//!   retags the memory ordinary: free blocks and granules merge into the cache, live blocks are
+//!   freed into it later (`drain_released_pools`).
 //! - Pool memory never serves another pool or the ordinary cache while the pool has uses, and is
 //!   never unmapped or released then (the device layer only steals and releases `ORDINARY`
 //!   memory). Within the pool it is reused at once by the same stream: capture order is replay
@@ -27,7 +30,7 @@
 //!
 //! # Invariants (checked by [`Graphs::check_invariants`])
 //! Every route names a pool with at least one use; no pool is routed twice; tags are unique and
-//! never `ORDINARY`.
+//! never `ORDINARY`. A pool with no use left is released: listed until it is drained.
 //!
 //! # Locking
 //! Under the device lock. A filter is called with the lock held (PyTorch does the same): it must
@@ -35,7 +38,7 @@
 //! whose route changes and read under any device's lock.
 
 use super::DeviceState;
-use crate::driver::Stream;
+use crate::driver::{DriverError, Stream};
 use crate::error::{Error, Result};
 use crate::pool::{Owner, PoolTag, ORDINARY};
 use crate::sync::{Arc, AtomicUsize, Ordering};
@@ -83,7 +86,8 @@ pub(crate) struct Graphs {
     captures: Arc<AtomicUsize>,
 }
 
-/// One private pool, for stats: its id, its uses, and whether allocations are routed to it now.
+/// One private pool, for stats: its id, its uses (0: released, waiting for the device to be idle
+/// to join the ordinary cache), and whether allocations are routed to it now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct PoolInfo {
     pub(crate) id: MempoolId,
@@ -154,11 +158,8 @@ impl Graphs {
             }
         }
         for (i, p) in self.pools.iter().enumerate() {
-            if p.tag == ORDINARY || p.uses == 0 {
-                return Err(format!(
-                    "pool {} has tag {} and {} uses",
-                    p.id, p.tag, p.uses
-                ));
+            if p.tag == ORDINARY {
+                return Err(format!("pool {} has the ordinary tag", p.id));
             }
             if self.pools[..i]
                 .iter()
@@ -248,9 +249,9 @@ impl DeviceState {
         Ok(())
     }
 
-    /// PyTorch's `releasePool`: drops a use of `id`. At zero uses its memory joins the ordinary
-    /// cache (free memory now, live blocks when freed). Refused while allocations are routed to
-    /// it: the capture still holds its use.
+    /// PyTorch's `releasePool`: drops a use of `id`. At zero uses the pool is released: its memory
+    /// joins the ordinary cache at the next `drain_released_pools` (free memory then, live blocks
+    /// when freed). Refused while allocations are routed to it: the capture still holds its use.
     pub(crate) fn release_pool(&mut self, id: MempoolId) -> Result<()> {
         let g = &mut self.graphs;
         let Some(i) = g.pools.iter().position(|p| p.id == id) else {
@@ -262,9 +263,32 @@ impl DeviceState {
                 "pool {id} cannot lose its last use while allocations are routed to it"
             )));
         }
-        g.pools[i].uses -= 1;
         if g.pools[i].uses == 0 {
-            g.pools.remove(i);
+            return Err(no_pool(id));
+        }
+        g.pools[i].uses -= 1;
+        // At zero uses the pool waits for `drain_released_pools`: a replay may still be running.
+        Ok(())
+    }
+
+    /// Gives the memory of released pools (no use left) to the ordinary cache, once every stream's
+    /// work on the device is done: a destroyed graph's last replay may still be running, on any
+    /// stream. Nothing during a capture (the synchronize would invalidate it). On a failed
+    /// synchronize the pools stay released, their memory private, and the error is returned.
+    pub(crate) fn drain_released_pools(&mut self) -> std::result::Result<(), DriverError> {
+        if !self.graphs.pools.iter().any(|p| p.uses == 0) || self.capturing() {
+            return Ok(());
+        }
+        self.drv.device_synchronize(self.dev)?;
+        let released: Vec<PoolTag> = self
+            .graphs
+            .pools
+            .iter()
+            .filter(|p| p.uses == 0)
+            .map(|p| p.tag)
+            .collect();
+        self.graphs.pools.retain(|p| p.uses != 0);
+        for tag in released {
             self.large.retag_pool(tag, ORDINARY);
             self.small.retag_pool(tag, ORDINARY);
         }

@@ -62,6 +62,11 @@ impl DeviceState {
         owner: Owner,
         wait: bool,
     ) -> Slow<DevicePtr> {
+        // Released graph pools join the ordinary cache once the device is idle (a failed
+        // synchronize keeps them private; counted).
+        if let Err(e) = self.drain_released_pools() {
+            self.c.note_driver_error(&e);
+        }
         // Parked frees join the pools when their streams are done. A fence that cannot be had
         // here (a stream destroyed after `record_stream`, say) must not fail a request that may
         // not need that memory: the free stays parked, and the error is counted in the stats.
@@ -505,7 +510,8 @@ impl DeviceState {
         let drv = Arc::clone(&self.drv);
         let dev = self.dev;
         let before = self.reserved();
-        let mut result = Ok(());
+        // Released graph pools first: their free memory may then be released too.
+        let mut result = self.drain_released_pools();
         if self.backend == Backend::Legacy {
             self.small.reclaim_idle_runs(None);
             self.refresh_fences();
@@ -544,7 +550,7 @@ impl DeviceState {
             }
         } else {
             let mut pages = Vec::new();
-            result = self.pages.retry_stuck(&*drv, dev);
+            result = result.and(self.pages.retry_stuck(&*drv, dev));
             result = result.and(self.unmap_free_pages(None, None, &mut pages));
             self.pages.pool.extend(pages);
             while let Some(id) = self.pages.pool.pop() {

@@ -64,7 +64,7 @@ impl DeviceAllocator {
         mut st: MutexGuard<'a, DeviceState>,
         rounded: u64,
         requested: u64,
-        owner: Owner,
+        mut owner: Owner,
     ) -> Result<DevicePtr> {
         // Memory already reserved can serve a request even above a lowered limit.
         let possible =
@@ -113,6 +113,8 @@ impl DeviceAllocator {
                     }
                 }
                 st = self.state.lock();
+                // Routes may have opened or closed while the lock was dropped.
+                owner = st.owner_for(owner.stream);
                 st.c.hook_calls += u64::from(hooks_called);
                 hooks_freed = st.c.freed_bytes.saturating_sub(freed_before);
             }
@@ -204,6 +206,7 @@ impl DeviceState {
     /// Waits for streams, settles parked frees, retires idle small runs. (During a capture only
     /// the last: the waits do nothing then.)
     pub(crate) fn compact(&mut self) -> Result<()> {
+        self.drain_released_pools()?;
         self.wait_for_streams()?;
         self.small.reclaim_idle_runs(None);
         self.checked();

@@ -54,7 +54,7 @@ use std::sync::OnceLock;
 
 /// Every `libcuda` symbol this file calls, as cudarc looks it up. `open` checks them all before the
 /// first call, because cudarc panics on a missing symbol (an old driver).
-const SYMBOLS: [&str; 34] = [
+const SYMBOLS: [&str; 35] = [
     "cuInit",
     "cuDeviceGetCount",
     "cuDeviceGet",
@@ -89,6 +89,7 @@ const SYMBOLS: [&str; 34] = [
     "cuThreadExchangeStreamCaptureMode",
     "cuMemcpyDtoHAsync_v2",
     "cuMemsetD8Async",
+    "cuCtxSynchronize",
 ];
 
 /// Whether `libcuda` can be loaded on this machine. Asked once per process.
@@ -696,6 +697,14 @@ impl Driver for CudaDriver {
         // SAFETY: the event is live in this instance.
         let res = unsafe { sys::cuEventSynchronize(event_ptr(event)) };
         check(res, Call::EventSynchronize, device)
+    }
+
+    fn device_synchronize(&self, device: usize) -> DriverResult<()> {
+        let (_, _ctx) = self.enter(device, Call::DeviceSynchronize)?;
+        // SAFETY: `enter` made the device's primary context current on this thread; the call takes
+        // no pointer.
+        let res = unsafe { sys::cuCtxSynchronize() };
+        check(res, Call::DeviceSynchronize, device)
     }
 
     fn event_destroy(&self, device: usize, event: Event) -> DriverResult<()> {

@@ -186,12 +186,14 @@ pub enum Call {
     StreamGetCaptureInfo,
     /// [`Driver::exchange_capture_mode`] (`cuThreadExchangeStreamCaptureMode`).
     ExchangeCaptureMode,
+    /// [`Driver::device_synchronize`] (`cuCtxSynchronize`).
+    DeviceSynchronize,
 }
 
 impl Call {
     /// Every call kind, in declaration order (new kinds go at the end: saved proptest seeds index
     /// into this list).
-    pub const ALL: [Call; 26] = [
+    pub const ALL: [Call; 27] = [
         Call::DeviceCount,
         Call::Granularity,
         Call::MemInfo,
@@ -218,6 +220,7 @@ impl Call {
         Call::StreamEndCapture,
         Call::StreamGetCaptureInfo,
         Call::ExchangeCaptureMode,
+        Call::DeviceSynchronize,
     ];
 
     /// The CUDA driver function behind this call, as error messages name it.
@@ -249,6 +252,7 @@ impl Call {
             Call::StreamEndCapture => "cuStreamEndCapture",
             Call::StreamGetCaptureInfo => "cuStreamGetCaptureInfo",
             Call::ExchangeCaptureMode => "cuThreadExchangeStreamCaptureMode",
+            Call::DeviceSynchronize => "cuCtxSynchronize",
         }
     }
 
@@ -522,6 +526,10 @@ pub trait Driver: Send + Sync + fmt::Debug + 'static {
 
     /// `cuStreamSynchronize`.
     fn stream_synchronize(&self, device: usize, stream: Stream) -> DriverResult<()>;
+
+    /// `cuCtxSynchronize` in the device's context: waits for all work queued on the device, every
+    /// stream's. A potentially unsafe call during a capture.
+    fn device_synchronize(&self, device: usize) -> DriverResult<()>;
 
     /// `cuMemcpyHtoDAsync` of `src` to `dst` on `stream`, then waits for the stream: `src` may be
     /// reused when it returns. `[dst, dst + src.len())` must be accessible device memory.

@@ -1015,6 +1015,18 @@ impl Driver for SimDriver {
         Ok(())
     }
 
+    fn device_synchronize(&self, device: usize) -> DriverResult<()> {
+        const C: Call = Call::DeviceSynchronize;
+        let mut st = self.enter(C, Some(device))?;
+        capture::check_unsafe_call(&mut st, C, device)?;
+        let d = device_mut(&mut st, C, device)?;
+        // Waiting ends with every event recorded so far complete, held streams' included.
+        for e in d.events.values_mut() {
+            *e = None;
+        }
+        Ok(())
+    }
+
     fn copy_to_device(
         &self,
         device: usize,

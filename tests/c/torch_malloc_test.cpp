@@ -25,27 +25,16 @@
 #include "tessera.h"
 
 namespace {
+constexpr const char *kProgram = "torch_malloc_test";
+}  // namespace
+#include "check.hpp"
+
+namespace {
 
 constexpr std::size_t kMiB = std::size_t{1} << 20;
 constexpr std::size_t kCapacity = 64 * kMiB;  // TESSERA_SIM capacity
 const auto kStream = reinterpret_cast<cudaStream_t>(std::uintptr_t{0x10});
 
-int checks = 0;
-
-[[noreturn]] void fail(int line, const std::string &what) {
-  std::fflush(stdout);
-  std::fprintf(stderr,
-               "torch_malloc_test: FAIL at %s:%d\n  %s\n  tessera_last_error_code() = %d, "
-               "tessera_last_error() = \"%s\"\n",
-               __FILE__, line, what.c_str(), tessera_last_error_code(), tessera_last_error());
-  std::exit(1);
-}
-
-#define CHECK(cond, what)                      \
-  do {                                         \
-    ++checks;                                  \
-    if (!(cond)) fail(__LINE__, (what));       \
-  } while (0)
 
 bool starts_with(const std::string &s, const std::string &prefix) {
   return s.compare(0, prefix.size(), prefix) == 0;
@@ -77,7 +66,7 @@ Thrown call(std::size_t size, int device) {
     t.runtime_error = dynamic_cast<std::runtime_error const *>(&e) != nullptr;
     t.what = e.what();
   } catch (...) {
-    fail(__LINE__, "tessera_torch_malloc(" + std::to_string(size) + ", " +
+    fail(__FILE__, __LINE__, "tessera_torch_malloc(" + std::to_string(size) + ", " +
                        std::to_string(device) +
                        ") threw something that is not a std::exception");
   }
@@ -91,7 +80,7 @@ void still_works(int device, const char *after) {
   try {
     p = tessera_torch_malloc(3 * kMiB, device, kStream);
   } catch (std::exception const &e) {
-    fail(__LINE__, std::string("after ") + after + ": a 3 MiB allocation threw: " + e.what());
+    fail(__FILE__, __LINE__, std::string("after ") + after + ": a 3 MiB allocation threw: " + e.what());
   }
   CHECK(p != nullptr, std::string("after ") + after + ": a 3 MiB allocation returned NULL");
   std::memset(p, 0x5A, 3 * kMiB);  // simulated device memory is host memory

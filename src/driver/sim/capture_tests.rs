@@ -187,6 +187,10 @@ fn every_unsafe_call_is_refused_in_global_capture() {
             Box::new(|d| d.stream_synchronize(0, OTHER)),
         ),
         (
+            Call::DeviceSynchronize,
+            Box::new(|d| d.device_synchronize(0)),
+        ),
+        (
             Call::CopyToDevice,
             Box::new(move |d| d.copy_to_device(0, va, &[1; 8], OTHER)),
         ),

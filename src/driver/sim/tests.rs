@@ -534,3 +534,22 @@ fn range_set_and_extents() {
     assert_eq!(x.end, 20);
     assert!(x.alloc(200, 1).is_none());
 }
+
+#[test]
+fn a_device_synchronize_completes_held_streams_work() {
+    let d = SimDriver::with_capacity(64 << 20);
+    let s = Stream(5);
+    d.hold_stream(0, s);
+    let e = d.event_create(0).unwrap();
+    d.event_record(0, e, s).unwrap();
+    assert!(
+        !d.event_query(0, e).unwrap(),
+        "the held stream's event is pending"
+    );
+    d.device_synchronize(0).unwrap();
+    assert!(
+        d.event_query(0, e).unwrap(),
+        "the device synchronize waited for it"
+    );
+    d.release_stream(0, s);
+}
