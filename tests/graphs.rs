@@ -50,14 +50,18 @@ fn pool_stats(t: &Tessera, id: MempoolId) -> Option<tessera::PrivatePoolStats> {
         .find(|p| p.id == id)
 }
 
-fn pool_of(t: &Tessera, ptr: DevicePtr) -> Option<MempoolId> {
+/// The block at `ptr` in tessera's snapshot.
+fn block_at(t: &Tessera, ptr: DevicePtr) -> Option<tessera::BlockInfo> {
     t.snapshot(0)
         .unwrap()
         .segments
-        .iter()
-        .flat_map(|s| s.blocks.iter())
+        .into_iter()
+        .flat_map(|s| s.blocks)
         .find(|b| b.address == ptr)
-        .and_then(|b| b.pool)
+}
+
+fn pool_of(t: &Tessera, ptr: DevicePtr) -> Option<MempoolId> {
+    block_at(t, ptr).and_then(|b| b.pool)
 }
 
 #[test]
@@ -327,13 +331,7 @@ fn a_record_stream_free_in_the_pool_waits_until_the_capture_ends() {
         y, x,
         "a block with stream uses waits for the capture to end"
     );
-    let snap = t.snapshot(0).unwrap();
-    let state = snap
-        .segments
-        .iter()
-        .flat_map(|s| &s.blocks)
-        .find(|b| b.address == x)
-        .map(|b| b.state);
+    let state = block_at(&t, x).map(|b| b.state);
     assert_eq!(state, Some(BlockStateInfo::PendingFree));
     assert_eq!(
         sim.calls(Call::EventRecord),
@@ -347,13 +345,7 @@ fn a_record_stream_free_in_the_pool_waits_until_the_capture_ends() {
     let o = alloc(&t, &mut tr, 4 * MIB, S).unwrap();
     assert_eq!(pool_of(&t, o), None);
     assert!(sim.calls(Call::EventRecord) > 0);
-    let snap = t.snapshot(0).unwrap();
-    let xb = snap
-        .segments
-        .iter()
-        .flat_map(|s| &s.blocks)
-        .find(|b| b.address == x)
-        .unwrap();
+    let xb = block_at(&t, x).unwrap();
     assert_eq!((xb.state, xb.pool), (BlockStateInfo::Free, Some(POOL)));
     begin(&sim, &t, POOL, S);
     let a = alloc(&t, &mut tr, 8 * MIB, S).unwrap();

@@ -143,7 +143,8 @@ impl Graphs {
             .collect()
     }
 
-    /// The id of the pool tagged `tag`, if it has uses.
+    /// The id of the private pool tagged `tag`; `None` for the ordinary cache (no pool has its
+    /// tag) and for a drained pool.
     pub(crate) fn id_of(&self, tag: PoolTag) -> Option<MempoolId> {
         self.pools.iter().find(|p| p.tag == tag).map(|p| p.id)
     }
@@ -280,17 +281,13 @@ impl DeviceState {
             return Ok(());
         }
         self.drv.device_synchronize(self.dev)?;
-        let released: Vec<PoolTag> = self
-            .graphs
-            .pools
-            .iter()
-            .filter(|p| p.uses == 0)
-            .map(|p| p.tag)
-            .collect();
-        self.graphs.pools.retain(|p| p.uses != 0);
-        for tag in released {
-            self.large.retag_pool(tag, ORDINARY);
-            self.small.retag_pool(tag, ORDINARY);
+        let (released, kept): (Vec<PrivatePool>, _) = std::mem::take(&mut self.graphs.pools)
+            .into_iter()
+            .partition(|p| p.uses == 0);
+        self.graphs.pools = kept;
+        for p in released {
+            self.large.retag_pool(p.tag, ORDINARY);
+            self.small.retag_pool(p.tag, ORDINARY);
         }
         Ok(())
     }

@@ -5,7 +5,6 @@
 //! path.
 
 use super::DeviceState;
-use super::MempoolId;
 use crate::config::Backend;
 use crate::driver::{DevicePtr, Stream};
 use crate::pages::{RangeKind, Slot};
@@ -212,11 +211,6 @@ impl DeviceState {
         out.into_iter().map(|(_, s)| s).collect()
     }
 
-    /// The id of the private pool tagged `tag`; `None` for the ordinary cache.
-    fn pool_id(&self, tag: PoolTag) -> Option<MempoolId> {
-        (tag != ORDINARY).then(|| self.graphs.id_of(tag)).flatten()
-    }
-
     /// Peaks restart from the current values.
     pub(crate) fn reset_peak_stats(&mut self) {
         let reserved = self.reserved();
@@ -252,7 +246,7 @@ impl DeviceState {
                             BlockState::Pending => BlockStateInfo::PendingFree,
                         },
                         stream: b.owner.stream,
-                        pool: self.pool_id(b.owner.pool),
+                        pool: self.graphs.id_of(b.owner.pool),
                     })
                     .collect();
                 let stream = blocks.first().map_or(Stream::DEFAULT, |b| b.stream);
@@ -283,7 +277,7 @@ impl DeviceState {
                         BlockStateInfo::Allocated
                     },
                     stream: s.owner.stream,
-                    pool: self.pool_id(s.owner.pool),
+                    pool: self.graphs.id_of(s.owner.pool),
                 })
                 .collect();
             segments.push(SegmentInfo {
@@ -291,7 +285,7 @@ impl DeviceState {
                 size: self.page_size,
                 kind: SegmentKind::Small,
                 stream: g.owner.stream,
-                pool: self.pool_id(g.owner.pool),
+                pool: self.graphs.id_of(g.owner.pool),
                 blocks,
             });
         }
