@@ -16,7 +16,7 @@ use crate::device::{CaptureFilter, DeviceAllocator, MempoolId};
 use crate::driver::{DevicePtr, Driver, Stream};
 use crate::error::{Error, Result};
 use crate::hooks::{HookId, Hooks};
-use crate::stats::{Snapshot, Stats};
+use crate::stats::{Breakdown, Snapshot, Stats};
 use crate::sync::{Arc, AtomicUsize, Mutex, RwLock};
 use crate::trace_log::{TraceLog, TRACE_ENV_VAR};
 use std::collections::BTreeMap;
@@ -364,6 +364,13 @@ impl Tessera {
     pub fn reset_peak_stats(&self, device: usize) -> Result<()> {
         self.device(device)?.state.lock().reset_peak_stats();
         Ok(())
+    }
+
+    /// Where every byte `device` reserves is now, by cause ([`Breakdown`]). Free bytes that
+    /// share a page with live data and belong to a stream other than `stream` (when given) are
+    /// counted apart: a request on `stream` cannot use them at once.
+    pub fn breakdown(&self, device: usize, stream: Option<Stream>) -> Result<Breakdown> {
+        Ok(self.device(device)?.state.lock().breakdown(stream))
     }
 
     /// Every segment and block of `device` now, with its statistics.

@@ -15,8 +15,9 @@
 //! | `page_size`        | a size, positive                        | the driver's granularity (2 MiB) |
 //! | `limit`            | a size: bytes reserved per device, max  | none (the device)                |
 //! | `memory_fraction`  | a number in (0, 1]: share of the device | none                             |
-//! | `small_max`        | a size, at least 512 B                  | `1MiB`                           |
+//! | `small_max`        | a size, at least 512 B                  | `64KiB`                          |
 //! | `size_classes`     | classes per doubling, integer 1..=16    | `4`                              |
+//! | `placement`        | `lifetime` or `best_fit`                | `lifetime`                       |
 //! | `check_invariants` | `true`, `false`, `1` or `0`             | on in debug builds, else off     |
 //!
 //! `size_classes` is the field [`Config::classes_per_doubling`]. When both `limit` and
@@ -47,13 +48,14 @@ use std::str::FromStr;
 pub const ENV_VAR: &str = "TESSERA_CONF";
 
 /// The keys of `TESSERA_CONF`, in the order `Display` prints them.
-pub const KEYS: [&str; 7] = [
+pub const KEYS: [&str; 8] = [
     "backend",
     "page_size",
     "limit",
     "memory_fraction",
     "small_max",
     "size_classes",
+    "placement",
     "check_invariants",
 ];
 
@@ -110,6 +112,43 @@ impl FromStr for Backend {
     }
 }
 
+/// Where a large block goes among the free blocks that hold it (see `pool/large.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Placement {
+    /// Next to a live block predicted to be freed at about the same time, as learned from the
+    /// previous occurrences of the same request (`pool/lifetimes.rs`); the best fit when there is
+    /// nothing to go by or the fit is exact.
+    #[default]
+    Lifetime,
+    /// The smallest free block that holds the request, at its start.
+    BestFit,
+}
+
+impl Placement {
+    /// The name `TESSERA_CONF` uses: `lifetime` or `best_fit`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Placement::Lifetime => "lifetime",
+            Placement::BestFit => "best_fit",
+        }
+    }
+
+    /// The placement named `lifetime` or `best_fit`, if `name` is one of them.
+    pub fn from_name(name: &str) -> Option<Placement> {
+        match name {
+            "lifetime" => Some(Placement::Lifetime),
+            "best_fit" => Some(Placement::BestFit),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Placement {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The configuration of one allocator (every device it manages uses the same settings).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Config {
@@ -126,6 +165,8 @@ pub struct Config {
     pub small_max: u64,
     /// Size classes per doubling of the slot size (class spacing) above 2 KiB.
     pub classes_per_doubling: u32,
+    /// Where large blocks go among the free blocks that hold them.
+    pub placement: Placement,
     /// Run `check_invariants()` after every mutation (slow; on by default in debug builds).
     pub check_invariants: bool,
 }
@@ -137,8 +178,11 @@ impl Default for Config {
             page_size: None,
             limit: None,
             memory_fraction: None,
-            small_max: 1 << 20,
+            // Chosen on the bundled traces (docs/design-notes.md, "Placement"): above it, the
+            // large pool's 512 B best fit reuses the free space that shares pages with live data.
+            small_max: 64 << 10,
             classes_per_doubling: 4,
+            placement: Placement::Lifetime,
             check_invariants: cfg!(debug_assertions),
         }
     }
@@ -282,6 +326,10 @@ impl Config {
                     .ok_or("expected an integer in 1..=16 (classes per doubling)")?;
                 self.classes_per_doubling = n;
             }
+            "placement" => {
+                self.placement =
+                    Placement::from_name(value).ok_or("expected lifetime or best_fit")?;
+            }
             "check_invariants" => {
                 self.check_invariants = match value {
                     "true" | "1" => true,
@@ -336,9 +384,10 @@ impl fmt::Display for Config {
         }
         write!(
             f,
-            ",small_max:{},size_classes:{},check_invariants:{}",
+            ",small_max:{},size_classes:{},placement:{},check_invariants:{}",
             format_bytes_exact(self.small_max),
             self.classes_per_doubling,
+            self.placement,
             self.check_invariants
         )
     }
@@ -386,6 +435,11 @@ impl ConfigBuilder {
     /// Sets [`Config::classes_per_doubling`].
     pub fn classes_per_doubling(mut self, n: u32) -> Self {
         self.0.classes_per_doubling = n;
+        self
+    }
+    /// Sets [`Config::placement`].
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.0.placement = placement;
         self
     }
     /// Sets [`Config::check_invariants`].
@@ -441,8 +495,9 @@ mod tests {
         assert_eq!(c.page_size, None);
         assert_eq!(c.limit, None);
         assert_eq!(c.memory_fraction, None);
-        assert_eq!(c.small_max, 1 << 20);
+        assert_eq!(c.small_max, 64 << 10);
         assert_eq!(c.classes_per_doubling, 4);
+        assert_eq!(c.placement, Placement::Lifetime);
         assert_eq!(c.check_invariants, cfg!(debug_assertions));
     }
 
@@ -462,6 +517,8 @@ mod tests {
         assert_eq!(p("small_max:512").small_max, 512);
         assert_eq!(p("size_classes:1").classes_per_doubling, 1);
         assert_eq!(p("size_classes:16").classes_per_doubling, 16);
+        assert_eq!(p("placement:best_fit").placement, Placement::BestFit);
+        assert_eq!(p("placement:lifetime").placement, Placement::Lifetime);
         for (v, on) in [("true", true), ("1", true), ("false", false), ("0", false)] {
             assert_eq!(p(&format!("check_invariants:{v}")).check_invariants, on);
         }
@@ -514,7 +571,7 @@ mod tests {
                 .build()
                 .unwrap()
                 .to_string(),
-            "backend:vmm,limit:8GiB,small_max:1MiB,size_classes:4,check_invariants:false"
+            "backend:vmm,limit:8GiB,small_max:64KiB,size_classes:4,placement:lifetime,check_invariants:false"
         );
     }
 
@@ -572,6 +629,7 @@ mod tests {
         rejects("memory_fraction:NaN", "memory_fraction", "'NaN'");
         rejects("memory_fraction:inf", "memory_fraction", "'inf'");
         rejects("small_max:256", "small_max", "'256'");
+        rejects("placement:first_fit", "placement", "'first_fit'");
         rejects("small_max:-1MiB", "small_max", "'-1MiB'");
         rejects("size_classes:0", "size_classes", "'0'");
         rejects("size_classes:17", "size_classes", "'17'");
@@ -620,6 +678,7 @@ mod tests {
             fraction in proptest::option::of(1u32..=1_000_000),
             small_max in 512u64..(1 << 30),
             classes in 1u32..=16,
+            best_fit in any::<bool>(),
             check in any::<bool>(),
         ) {
             let c = Config {
@@ -629,6 +688,7 @@ mod tests {
                 memory_fraction: fraction.map(|n| n as f64 / 1_000_000.0),
                 small_max,
                 classes_per_doubling: classes,
+                placement: if best_fit { Placement::BestFit } else { Placement::Lifetime },
                 check_invariants: check,
             };
             c.validate().unwrap();

@@ -39,7 +39,7 @@ mod trace_log;
 pub(crate) use allocator::AddressMap;
 pub use allocator::{Allocation, Tessera};
 pub use buffer::{CudaBuffer, DeviceBuffer, DeviceCopy, DeviceRepr};
-pub use config::{Backend, Config};
+pub use config::{Backend, Config, Placement};
 pub use device::{CaptureFilter, MempoolId};
 pub use error::{Error, OomReport, Result};
 #[cfg(not(loom))]
@@ -47,7 +47,8 @@ pub use global::{configure_global, global};
 pub(crate) use hooks::Hooks;
 pub use hooks::{HookId, OomHook};
 pub use stats::{
-    BlockInfo, BlockStateInfo, PrivatePoolStats, SegmentInfo, SegmentKind, Snapshot, Stats,
+    BlockInfo, BlockStateInfo, Breakdown, PrivatePoolStats, SegmentInfo, SegmentKind, Snapshot,
+    Stats,
 };
 pub use trace_log::TRACE_ENV_VAR;
 

@@ -243,3 +243,89 @@ pub struct Snapshot {
     /// The device's statistics at the same moment.
     pub stats: Stats,
 }
+
+/// Where every reserved byte of one device is, at one moment: each byte the driver holds for it
+/// is counted in exactly one field, so the fields sum to `reserved_bytes`
+/// ([`Breakdown::total`]). What is above `requested_bytes` is the memory the allocator spends
+/// beyond what the program asked for, split by cause (`tessera replay --explain` prints it).
+///
+/// A *page* is a granule of the VMM backend or a `cuMemAlloc` segment of the legacy one. A page
+/// that holds no live byte is fungible: tessera remaps it wherever a request needs it, so its
+/// bytes are counted apart (`free_page_bytes`) from the free space that shares a page with live
+/// data, which only requests that fit in it can use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(Serialize))]
+pub struct Breakdown {
+    /// Bytes the driver holds for the device (created pages and `cuMemAlloc` segments).
+    pub reserved_bytes: u64,
+    /// Bytes the live allocations asked for.
+    pub requested_bytes: u64,
+    /// Rounding of live allocations up to 512 B.
+    pub rounding_bytes: u64,
+    /// Small live allocations: their size class's slot beyond the 512 B-rounded request.
+    pub class_bytes: u64,
+    /// Free slots in small runs that hold a live slot.
+    pub small_free_slot_bytes: u64,
+    /// The tails of small runs that hold a live slot, too short for one more slot.
+    pub small_run_tail_bytes: u64,
+    /// Small runs with no live slot (kept as a cache) in granules that hold live data.
+    pub small_idle_run_bytes: u64,
+    /// Units of small granules that hold live data, in no run.
+    pub small_free_unit_bytes: u64,
+    /// Free large blocks' bytes in pages that also hold live (or parked) bytes.
+    pub large_free_bytes: u64,
+    /// Free bytes in pages with live data that belong to another stream than the one asked about
+    /// (usable by it only after that stream's work is done). 0 when no stream is given.
+    pub other_stream_bytes: u64,
+    /// Free memory of private pools (CUDA graphs), whole pages included: only its pool may use
+    /// it.
+    pub private_pool_bytes: u64,
+    /// Freed allocations waiting for streams recorded with `record_stream`.
+    pub parked_bytes: u64,
+    /// Pages with no live byte: free mapped pages, empty small granules, the page pool, wholly
+    /// free legacy segments.
+    pub free_page_bytes: u64,
+    /// Pages a failed unmap left mapped, quarantined until the next cache release.
+    pub stuck_bytes: u64,
+}
+
+impl Breakdown {
+    /// The sum of every field but `reserved_bytes`: equal to it.
+    pub fn total(&self) -> u64 {
+        self.requested_bytes + self.overhead()
+    }
+
+    /// Every byte above the requested bytes (the sum of the causes).
+    pub fn overhead(&self) -> u64 {
+        self.rounding_bytes
+            + self.class_bytes
+            + self.small_free_slot_bytes
+            + self.small_run_tail_bytes
+            + self.small_idle_run_bytes
+            + self.small_free_unit_bytes
+            + self.large_free_bytes
+            + self.other_stream_bytes
+            + self.private_pool_bytes
+            + self.parked_bytes
+            + self.free_page_bytes
+            + self.stuck_bytes
+    }
+
+    /// The causes with their names, in the order of the fields (the command line's labels).
+    pub fn causes(&self) -> [(&'static str, u64); 12] {
+        [
+            ("rounding", self.rounding_bytes),
+            ("size classes", self.class_bytes),
+            ("small free slots", self.small_free_slot_bytes),
+            ("small run tails", self.small_run_tail_bytes),
+            ("small idle runs", self.small_idle_run_bytes),
+            ("small free units", self.small_free_unit_bytes),
+            ("large free in used pages", self.large_free_bytes),
+            ("other streams", self.other_stream_bytes),
+            ("private pools", self.private_pool_bytes),
+            ("parked", self.parked_bytes),
+            ("free pages", self.free_page_bytes),
+            ("stuck", self.stuck_bytes),
+        ]
+    }
+}

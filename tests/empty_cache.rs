@@ -126,7 +126,7 @@ fn empty_cache_releases_only_fully_free_pages() {
     assert_eq!(t.stats(0).unwrap().reserved_bytes, 10 * MIB);
 
     // A granule with a live slot stays; once its last slot is freed it goes.
-    let small2 = alloc(&t, &mut tr, 100 * KIB, S).unwrap();
+    let small2 = alloc(&t, &mut tr, 40 * KIB, S).unwrap();
     free(&t, &mut tr, small);
     assert_eq!(release(&sim, &t, &tr, empty), 0);
     free(&t, &mut tr, small2);

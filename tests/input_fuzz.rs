@@ -40,7 +40,7 @@ use std::sync::OnceLock;
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config as RunnerConfig, TestCaseError, TestRunner};
-use tessera::config::{Backend, Config, KEYS};
+use tessera::config::{Backend, Config, Placement, KEYS};
 use tessera::error::Error;
 use tessera::replay::engine::replay;
 use tessera::replay::export::snapshot_of;
@@ -151,9 +151,9 @@ fn conf_arbitrary_strings_parse_or_fail_cleanly() {
         any::<String>(),
         "[a-z_:,. 0-9A-Za-z=;\\-\t]{0,60}",
         // Grammar soup: key-like words, separators, numbers and units in any order.
-        "(( )?(backend|page_size|limit|memory_fraction|small_max|size_classes|check_invariants|\
+        "(( )?(backend|page_size|limit|memory_fraction|small_max|size_classes|placement|check_invariants|\
          [a-z_]{1,10})( )?[:=]?( )?(-?[0-9.]{0,8}(B|KiB|MiB|GiB|TiB|kb|m|XB|)|vmm|legacy|true|\
-         false|NaN|inf)( )?,?){0,6}",
+         false|lifetime|best_fit|NaN|inf)( )?,?){0,6}",
     ];
     fuzz("TESSERA_CONF arbitrary strings", 3000, strategy, |text| {
         check_conf(&text).map(|_| ())
@@ -208,6 +208,8 @@ fn conf_value() -> impl Strategy<Value = String> {
         1 => prop_oneof![Just("true"), Just("false"), Just("1"), Just("0"), Just("True"), Just("yes")]
             .prop_map(String::from),
         1 => prop_oneof![Just("vmm"), Just("legacy"), Just("VMM"), Just("cuda"), Just(" legacy ")]
+            .prop_map(String::from),
+        1 => prop_oneof![Just("lifetime"), Just("best_fit"), Just("Lifetime"), Just("best-fit")]
             .prop_map(String::from),
         1 => "\\PC{0,8}",
     ]
@@ -301,6 +303,11 @@ fn valid_config() -> impl Strategy<Value = Config> {
                 memory_fraction,
                 small_max,
                 classes_per_doubling: classes,
+                placement: if classes % 2 == 0 {
+                    Placement::Lifetime
+                } else {
+                    Placement::BestFit
+                },
                 check_invariants: check,
             },
         )

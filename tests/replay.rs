@@ -229,7 +229,11 @@ fn samples_track_reserved_and_live() {
 #[test]
 fn run_gives_one_row_per_policy_with_min_capacity() {
     let t = parse(&pinned_segments());
-    let report = rp::run(&t, &Policy::ALL, &opts(1 << 30), true, &mut |_, _| {});
+    let measures = rp::Measures {
+        min_capacity: true,
+        explain: true,
+    };
+    let report = rp::run(&t, &Policy::ALL, &opts(1 << 30), measures, &mut |_, _| {});
     assert!(report.errors.is_empty());
     assert_eq!(report.rows.len(), 4);
     let native = &report.rows[2];
@@ -262,6 +266,64 @@ fn run_gives_one_row_per_policy_with_min_capacity() {
         assert!(table.contains(p.name()), "{table}");
     }
     assert!(table.contains("380.00 MiB"), "{table}");
+
+    // --explain: every byte at each moment is counted once, and the table names the causes.
+    for row in &report.rows {
+        assert!(
+            row.remaps_per_1000_at_min_capacity.is_some(),
+            "{}",
+            row.policy
+        );
+        let peak = row
+            .explain_at_peak
+            .as_ref()
+            .expect("a breakdown at the peak");
+        assert_eq!(peak.capacity_bytes, None);
+        let at_min = row
+            .explain_at_min_capacity
+            .as_ref()
+            .expect("one at min capacity");
+        assert_eq!(at_min.capacity_bytes, row.min_capacity_bytes);
+        assert_eq!(at_min.event, peak.event, "the same moment");
+        assert_eq!(
+            at_min.breakdown.requested_bytes, row.peak_live_bytes,
+            "{}: the peak of live bytes",
+            row.policy
+        );
+        let below = row.explain_below_min_capacity.as_ref().expect("one below");
+        assert!(below.failed_request_bytes.is_some());
+        assert_eq!(
+            below.capacity_bytes,
+            row.min_capacity_bytes.map(|c| c - 2 * MIB)
+        );
+        for m in [peak, at_min, below] {
+            let b = &m.breakdown;
+            assert_eq!(b.total(), b.reserved_bytes, "{}: {b:?}", row.policy);
+            assert!(m.capacity_bytes.is_none_or(|c| c >= b.reserved_bytes));
+        }
+    }
+    let json: serde_json::Value = serde_json::from_str(&native.to_json()).unwrap();
+    let at_min = &json["explain_at_min_capacity"];
+    for key in [
+        "event",
+        "capacity_bytes",
+        "requested_bytes",
+        "large_free_bytes",
+        "free_page_bytes",
+    ] {
+        assert!(at_min.get(key).is_some(), "missing {key} in {at_min}");
+    }
+    let explained = rp::report::render_explain(&report.rows);
+    for col in [
+        "rounding",
+        "small free slots",
+        "large free in used pages",
+        "free pages",
+        "unreserved",
+    ] {
+        assert!(explained.contains(col), "{explained}");
+    }
+    assert!(explained.contains("below min (OOM)"), "{explained}");
 }
 
 #[test]

@@ -250,6 +250,7 @@ fn boundary_sizes_with_one_and_sixteen_classes_per_doubling() {
     for classes in [1, 16] {
         let config = Config {
             classes_per_doubling: classes,
+            small_max: MIB,
             ..Config::default()
         };
         let (sim, t) = sim_alloc(64 * MIB, config);
@@ -384,7 +385,7 @@ fn a_device_without_vmm_falls_back_to_legacy() {
     let y = alloc(&t, &mut tr, 4 * KIB, B).unwrap();
     assert_ne!(granule_of(&t, y), gx, "A's granule is busy: B gets its own");
     // Full device: D waits for A and adopts its granule.
-    let z = alloc(&t, &mut tr, 300 * KIB, D).unwrap();
+    let z = alloc(&t, &mut tr, 40 * KIB, D).unwrap();
     assert_eq!(granule_of(&t, z), gx);
     assert_eq!(sim.live_legacy(0), 3);
     sim.release_stream(0, A);

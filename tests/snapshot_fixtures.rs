@@ -180,7 +180,13 @@ fn a_run_at_its_devices_limit_released_and_retried() {
     assert_eq!(t.recorded_retries.len(), 1);
     let r = t.recorded_retries[0];
     assert_eq!((r.line, r.reserved_before, r.size), (7, 40 * MIB, 30 * MIB));
-    let report = rp::run(&t, &[Policy::Native], &opts(1 << 30), false, &mut |_, _| {});
+    let report = rp::run(
+        &t,
+        &[Policy::Native],
+        &opts(1 << 30),
+        rp::Measures::default(),
+        &mut |_, _| {},
+    );
     let recorded = report.rows.last().unwrap();
     assert_eq!(recorded.recorded_retries, 1);
     assert_eq!(recorded.recorded_limit_bytes, Some(70 * MIB));
@@ -214,7 +220,13 @@ fn the_replay_reports_peaks_reconstruction_and_the_first_oom() {
         ("small", 18 * MIB, 42 * MIB),
     ] {
         let t = device(name, 0);
-        let r = rp::run(&t, &Policy::ALL, &opts(1 << 30), false, &mut |_, _| {});
+        let r = rp::run(
+            &t,
+            &Policy::ALL,
+            &opts(1 << 30),
+            rp::Measures::default(),
+            &mut |_, _| {},
+        );
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         for row in &r.rows {
             assert_eq!(row.peak_live_bytes, live, "{name} {}", row.policy);
@@ -230,7 +242,13 @@ fn the_replay_reports_peaks_reconstruction_and_the_first_oom() {
     // At a capacity below the wrapped trace's live start, every policy fails on the memory live
     // before the first entry, and says so.
     let t = device("wrapped", 0);
-    let r = rp::run(&t, &Policy::ALL, &opts(20 * MIB), false, &mut |_, _| {});
+    let r = rp::run(
+        &t,
+        &Policy::ALL,
+        &opts(20 * MIB),
+        rp::Measures::default(),
+        &mut |_, _| {},
+    );
     for row in r.rows.iter().filter(|r| r.policy != "recorded") {
         let oom = row.first_oom.as_ref().expect("an OOM");
         assert_eq!(oom.line, 0, "{}", row.policy);

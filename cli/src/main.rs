@@ -70,6 +70,11 @@ struct ReplayArgs {
     /// Also find the smallest capacity (to 2 MiB) that replays with no OOM.
     #[arg(long)]
     min_capacity: bool,
+    /// Break the bytes above live down by cause (rounding, size classes, small runs, large free
+    /// space in used pages, other streams, free pages, ...) at the peak of live bytes, and with
+    /// `--min-capacity` at the smallest capacity and at the OOM one step below it.
+    #[arg(long)]
+    explain: bool,
     /// Print one JSON object per line per (trace, policy) instead of the table.
     #[arg(long)]
     json: bool,
@@ -166,6 +171,11 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         config,
         stop_at_first_oom: false,
         record: args.export.is_some(),
+        ..ReplayOptions::default()
+    };
+    let measures = replay::Measures {
+        min_capacity: args.min_capacity,
+        explain: args.explain,
     };
     if let Some(dir) = &args.export {
         if let Err(e) = std::fs::create_dir_all(dir) {
@@ -190,7 +200,7 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
         for trace in traces {
             report_problems(&trace);
             let mut bar = progress::Progress::new(&trace.name, trace.events.len(), policies.len());
-            let report = replay::run(&trace, &policies, &opts, args.min_capacity, &mut |p, n| {
+            let report = replay::run(&trace, &policies, &opts, measures, &mut |p, n| {
                 bar.update(p, n)
             });
             bar.finish();
@@ -227,6 +237,10 @@ fn replay_command(args: ReplayArgs) -> ExitCode {
     }
     if !args.json && !rows.is_empty() {
         print!("{}", replay::report::render_table(&rows));
+        let explained = replay::report::render_explain(&rows);
+        if !explained.is_empty() {
+            print!("\n{explained}");
+        }
         let notes = replay::report::render_notes(&rows);
         if !notes.is_empty() {
             print!("\n{notes}");

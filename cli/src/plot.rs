@@ -430,7 +430,13 @@ mod tests {
             samples: 100,
             ..ReplayOptions::default()
         };
-        tessera::replay::run(&trace, policies, &opts, false, &mut |_, _| {})
+        tessera::replay::run(
+            &trace,
+            policies,
+            &opts,
+            tessera::replay::Measures::default(),
+            &mut |_, _| {},
+        )
     }
 
     /// Ten allocations of 256 MiB, then their frees: the fifth runs out of 1 GiB.

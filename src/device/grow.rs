@@ -22,11 +22,12 @@
 //! pool, and a block is carved only around pages whose unmap succeeded.
 
 use super::DeviceState;
-use crate::config::Backend;
+use crate::config::{Backend, Placement};
 use crate::driver::{CaptureMode, DevicePtr, DriverError, Stream};
 use crate::error::Error;
 use crate::pages::{PageId, RangeKind};
 use crate::pool::large::BlockState;
+use crate::pool::lifetimes::Stamp;
 use crate::pool::{Owner, ORDINARY};
 use crate::sync::Arc;
 use std::collections::HashMap;
@@ -244,10 +245,14 @@ impl DeviceState {
         Ok(self.hand_out(at, rounded, requested, owner))
     }
 
+    /// Hands out the start of the free block at `at` (new memory, or another stream's block: no
+    /// live neighbour to choose by), stamped when placement learns lifetimes.
     fn hand_out(&mut self, at: DevicePtr, rounded: u64, requested: u64, owner: Owner) -> DevicePtr {
-        self.large.allocate_at(at, rounded, requested, owner);
-        self.c.note_alloc(rounded, requested);
-        at
+        let stamp = match self.placement {
+            Placement::Lifetime => self.lifetimes.predict(rounded),
+            Placement::BestFit => Stamp::default(),
+        };
+        self.place_large(at, 0, rounded, requested, owner, stamp)
     }
 
     /// Maps new pages so that a free block of `owner` holds `size` bytes; returns its address.

@@ -445,6 +445,17 @@ impl DeviceState {
                 self.reserved()
             ));
         }
+        // The breakdown counts every reserved byte once, and the live requests as the stats do.
+        let b = self.breakdown(Some(Stream(0)));
+        if b.total() != b.reserved_bytes || b.requested_bytes != self.c.requested {
+            return Err(format!(
+                "the breakdown sums to {} B of {} B reserved, with {} B requested of {} B",
+                b.total(),
+                b.reserved_bytes,
+                b.requested_bytes,
+                self.c.requested
+            ));
+        }
         Ok(())
     }
 }

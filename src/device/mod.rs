@@ -24,17 +24,19 @@
 //! `DeviceAllocator::state` is the device lock. Every method of `DeviceState` runs under it and
 //! returns with it held; only the OOM sequence releases it, explicitly, around the hooks.
 
+mod breakdown;
 mod fences;
 mod graphs;
 mod grow;
 mod inspect;
 mod oom;
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, Placement};
 use crate::driver::{DevicePtr, Driver, DriverError, Stream};
 use crate::error::{Error, Result};
 use crate::pages::PageTable;
 use crate::pool::large::{BlockPool, BlockState, Lookup, ROUND};
+use crate::pool::lifetimes::{Lifetimes, Stamp};
 use crate::pool::small::{SmallFree, SmallPool};
 use crate::pool::Owner;
 use crate::stats::Counters;
@@ -86,6 +88,9 @@ pub(crate) struct DeviceState {
     pub(crate) c: Counters,
     /// Private pools and the routes to them (CUDA graphs, `graphs.rs`).
     pub(crate) graphs: Graphs,
+    /// Where large blocks go, and the lifetimes that guide it (`pool/lifetimes.rs`).
+    pub(crate) placement: Placement,
+    pub(crate) lifetimes: Lifetimes,
     pub(crate) address_map: Arc<AddressMap>,
     pub(crate) check: bool,
 }
@@ -164,6 +169,8 @@ impl DeviceAllocator {
             recorded: HashMap::default(),
             c: Counters::default(),
             graphs: Graphs::new(captures),
+            placement: config.placement,
+            lifetimes: Lifetimes::default(),
             address_map,
             check: config.check_invariants,
             drv,
@@ -239,11 +246,38 @@ impl DeviceState {
                 .note_alloc(self.small.classes.sizes[class], requested);
             Some(ptr)
         } else {
-            let addr = self.large.best_fit(owner, rounded)?;
-            self.large.allocate_at(addr, rounded, requested, owner);
-            self.c.note_alloc(rounded, requested);
-            Some(addr)
+            let (addr, offset, stamp) = match self.placement {
+                Placement::Lifetime => {
+                    let stamp = self.lifetimes.predict(rounded);
+                    let (a, off) = self.large.fit_near(owner, rounded, stamp.death)?;
+                    (a, off, stamp)
+                }
+                Placement::BestFit => (self.large.best_fit(owner, rounded)?, 0, Stamp::default()),
+            };
+            Some(self.place_large(addr, offset, rounded, requested, owner, stamp))
         }
+    }
+
+    /// Hands out `rounded` bytes at `offset` into the free block at `addr`, stamped (and the
+    /// lifetime clock moved on) when placed by prediction.
+    #[inline]
+    pub(crate) fn place_large(
+        &mut self,
+        addr: DevicePtr,
+        offset: u64,
+        rounded: u64,
+        requested: u64,
+        owner: Owner,
+        stamp: Stamp,
+    ) -> DevicePtr {
+        if stamp.key != 0 {
+            self.lifetimes.commit(rounded, stamp);
+        }
+        let at = self
+            .large
+            .allocate_at(addr, rounded, requested, owner, offset, stamp);
+        self.c.note_alloc(rounded, requested);
+        at
     }
 
     /// Frees `ptr`: at once, or parked until recorded streams finish.
@@ -282,7 +316,8 @@ impl DeviceState {
             self.park(ptr, true, recorded.unwrap_or_default(), seq);
             return Ok(size);
         }
-        if let Some((size, req)) = self.large.release(ptr, seq, recorded.is_some()) {
+        if let Some((size, req, stamp)) = self.large.release(ptr, seq, recorded.is_some()) {
+            self.lifetimes.observe(stamp);
             if let Some(streams) = recorded {
                 self.park(ptr, false, streams, seq);
             }

@@ -5,6 +5,17 @@
 //!   pending (freed, but waiting for streams recorded with `record_stream`).
 //! - `free_index`: the free blocks (not the pending ones) keyed by `(owner, size, addr)`, so the
 //!   best fit for an owner (a stream in a pool) is one ordered lookup, O(log n).
+//! - Each allocated block carries its lifetime [`Stamp`]: when it was handed out and when it is
+//!   predicted to be freed (`lifetimes.rs`).
+//!
+//! # Placement
+//! [`BlockPool::best_fit`] takes the smallest free block that holds the request, at its start.
+//! [`BlockPool::fit_near`] does the same when that block is an exact fit (the steady state of a
+//! training loop: a freed block is asked for again). Otherwise it weighs the two smallest fits and
+//! both ends of each, and puts the block against the live neighbour whose predicted death is
+//! closest to its own: blocks that die together end up side by side, so their frees leave one
+//! free piece instead of holes between long-lived blocks, which would strand the rest of their
+//! pages. With no live neighbour to go by, it is the best fit.
 //!
 //! Blocks tile mapped memory: in the VMM backend, every run of mapped large slots; in the legacy
 //! backend, every `cuMemAlloc` segment. A block's `region` names what it may merge across: the
@@ -22,6 +33,7 @@
 //! # Locking
 //! None of its own; used under the device lock.
 
+use super::lifetimes::Stamp;
 use super::{Owner, PoolTag};
 use crate::driver::{DevicePtr, Stream};
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,6 +61,8 @@ pub(crate) struct Block {
     /// Device free sequence number of the free that made this memory free (0: never used).
     pub(crate) free_seq: u64,
     pub(crate) region: u64,
+    /// Allocated blocks: when it was handed out, and its predicted free.
+    pub(crate) stamp: Stamp,
 }
 
 /// What `coalesce` needs of a free block that is not (yet) in the free index.
@@ -97,6 +111,53 @@ impl BlockPool {
             .map(|&(_, _, addr)| addr)
     }
 
+    /// Where to put `size` bytes for `owner`, predicted to be freed at `death`: (free block,
+    /// offset in it), or `None` when no free block of the owner holds them (see the module
+    /// documentation, "Placement").
+    #[inline]
+    pub(crate) fn fit_near(&self, owner: Owner, size: u64, death: u64) -> Option<(DevicePtr, u64)> {
+        let mut fits = self
+            .free_index
+            .range((owner, size, 0)..)
+            .take_while(|(o, _, _)| *o == owner)
+            .map(|&(_, s, a)| (a, s));
+        let first = fits.next()?;
+        if first.1 == size {
+            return Some((first.0, 0));
+        }
+        self.nearest_death(first, fits.next(), size, death)
+    }
+
+    /// Of the two candidates' ends, the one whose allocated neighbour dies closest to `death`;
+    /// the first candidate's start when no end has one.
+    #[cold]
+    fn nearest_death(
+        &self,
+        first: (DevicePtr, u64),
+        second: Option<(DevicePtr, u64)>,
+        size: u64,
+        death: u64,
+    ) -> Option<(DevicePtr, u64)> {
+        let distance =
+            |b: &Block| (b.state == BlockState::Allocated).then(|| b.stamp.death.abs_diff(death));
+        let mut best = (u64::MAX, first.0, 0);
+        for (a, bsize) in std::iter::once(first).chain(second) {
+            let left = self
+                .blocks
+                .range(..a)
+                .next_back()
+                .filter(|(&pa, pb)| pa + pb.size == a)
+                .and_then(|(_, pb)| distance(pb));
+            let right = self.blocks.get(&(a + bsize)).and_then(distance);
+            for (d, offset) in [(left, 0), (right, bsize - size)] {
+                if let Some(d) = d.filter(|&d| d < best.0) {
+                    best = (d, a, offset);
+                }
+            }
+        }
+        Some((best.1, best.2))
+    }
+
     /// Free blocks of the other streams of `owner`'s pool holding `size` bytes, smallest first.
     /// (Memory never passes between pools here: see `retag_pool`.)
     pub(crate) fn other_stream_fits(&self, owner: Owner, size: u64) -> Vec<DevicePtr> {
@@ -139,54 +200,81 @@ impl BlockPool {
         }
     }
 
-    /// Hands out the first `size` bytes of the free block at `addr` on `owner`, splitting off the
-    /// rest when at least 512 B remain. The block must be in the free index.
+    /// Hands out `size` bytes at `offset` into the free block at `addr` on `owner`, stamped with
+    /// `stamp`; the free bytes before and after it stay free blocks of the old owner. `offset` and
+    /// `size` are multiples of 512 B that fit the block, which must be in the free index. Returns
+    /// the allocation's address.
     #[inline]
-    pub(crate) fn allocate_at(&mut self, addr: DevicePtr, size: u64, requested: u64, owner: Owner) {
+    pub(crate) fn allocate_at(
+        &mut self,
+        addr: DevicePtr,
+        size: u64,
+        requested: u64,
+        owner: Owner,
+        offset: u64,
+        stamp: Stamp,
+    ) -> DevicePtr {
         let block = self
             .blocks
             .get_mut(&addr)
             .expect("allocate_at a known block");
         debug_assert_eq!(block.state, BlockState::Free);
-        debug_assert!(block.size >= size);
+        debug_assert!(offset + size <= block.size && offset.is_multiple_of(ROUND));
         self.free_index.remove(&(block.owner, block.size, addr));
-        let rest = block.size - size;
-        let (rest_owner, rest_seq, region) = (block.owner, block.free_seq, block.region);
-        block.state = BlockState::Allocated;
-        block.requested = requested;
-        block.owner = owner;
-        if rest >= ROUND {
-            block.size = size;
-            let rest_addr = addr + size;
+        let rest = block.size - offset - size;
+        let (old_owner, free_seq, region) = (block.owner, block.free_seq, block.region);
+        let allocated = Block {
+            size,
+            requested,
+            state: BlockState::Allocated,
+            owner,
+            free_seq,
+            region,
+            stamp,
+        };
+        let at = addr + offset;
+        if offset == 0 {
+            *block = allocated;
+        } else {
+            // The free front keeps the block's start (and its index key, smaller).
+            block.size = offset;
+            self.free_index.insert((old_owner, offset, addr));
+            self.blocks.insert(at, allocated);
+        }
+        if rest > 0 {
+            let rest_addr = at + size;
             self.blocks.insert(
                 rest_addr,
                 Block {
                     size: rest,
                     requested: 0,
                     state: BlockState::Free,
-                    owner: rest_owner,
-                    free_seq: rest_seq,
+                    owner: old_owner,
+                    free_seq,
                     region,
+                    stamp: Stamp::default(),
                 },
             );
-            self.free_index.insert((rest_owner, rest, rest_addr));
+            self.free_index.insert((old_owner, rest, rest_addr));
         }
+        at
     }
 
     /// Marks the block at `addr` free (or pending) if it is an allocated block starting there, in
-    /// one lookup: `(size, requested)`, or `None` (and nothing changed) for any other pointer.
+    /// one lookup: `(size, requested, stamp)`, or `None` (and nothing changed) for any other
+    /// pointer.
     #[inline]
     pub(crate) fn release(
         &mut self,
         addr: DevicePtr,
         free_seq: u64,
         pending: bool,
-    ) -> Option<(u64, u64)> {
+    ) -> Option<(u64, u64, Stamp)> {
         let block = self
             .blocks
             .get_mut(&addr)
             .filter(|b| b.state == BlockState::Allocated)?;
-        let requested = block.requested;
+        let (requested, stamp) = (block.requested, block.stamp);
         block.requested = 0;
         block.free_seq = free_seq;
         let size = block.size;
@@ -197,7 +285,7 @@ impl BlockPool {
             let key = Unindexed::of(block);
             self.coalesce(addr, key);
         }
-        Some((size, requested))
+        Some((size, requested, stamp))
     }
 
     /// A pending block whose recorded streams have finished becomes free.
@@ -226,6 +314,7 @@ impl BlockPool {
             owner,
             free_seq,
             region,
+            stamp: Stamp::default(),
         };
         let key = Unindexed::of(&block);
         self.blocks.insert(addr, block);
@@ -385,5 +474,109 @@ impl BlockPool {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pool::lifetimes::UNKNOWN;
+
+    const MIB: u64 = 1 << 20;
+    const O: Owner = Owner::ordinary(Stream(0));
+
+    fn stamp(death: u64) -> Stamp {
+        Stamp {
+            born: 1,
+            death,
+            key: 7,
+        }
+    }
+
+    /// One free range of `size` bytes at `base`, cut into `[(len, Some(death)) allocated,
+    /// (len, None) free]` pieces in order.
+    fn pool(base: u64, pieces: &[(u64, Option<u64>)]) -> BlockPool {
+        let total = pieces.iter().map(|p| p.0).sum();
+        let mut p = BlockPool::default();
+        p.insert_free(base, total, O, 0, 0);
+        let mut at = base;
+        for &(len, death) in pieces {
+            if let Some(d) = death {
+                // The free block holding `at` starts at or before it.
+                let (&a, _) = p.blocks.range(..=at).next_back().unwrap();
+                p.allocate_at(a, len, len, O, at - a, stamp(d));
+            }
+            at += len;
+        }
+        p.check_invariants().unwrap();
+        p
+    }
+
+    #[test]
+    fn an_exact_fit_is_taken_whatever_its_neighbours() {
+        let p = pool(
+            0,
+            &[
+                (MIB, Some(100)),
+                (2 * MIB, None),
+                (MIB, Some(5)),
+                (3 * MIB, None),
+            ],
+        );
+        assert_eq!(p.fit_near(O, 2 * MIB, 5), Some((MIB, 0)));
+    }
+
+    #[test]
+    fn a_block_goes_next_to_the_neighbour_that_dies_closest() {
+        // Free 3 MiB after a block dying at 100, free 4 MiB before a block dying at 10.
+        let p = pool(
+            0,
+            &[
+                (MIB, Some(100)),
+                (3 * MIB, None),
+                (MIB, Some(1000)),
+                (4 * MIB, None),
+                (MIB, Some(10)),
+            ],
+        );
+        // Dying at 12: against the block dying at 10, at the end of the 4 MiB block.
+        assert_eq!(p.fit_near(O, 2 * MIB, 12), Some((5 * MIB, 2 * MIB)));
+        // Dying at 90: after the block dying at 100, at the start of the smaller block.
+        assert_eq!(p.fit_near(O, 2 * MIB, 90), Some((MIB, 0)));
+        // Dying at 2000: before the block dying at 1000, at the end of the 3 MiB block.
+        assert_eq!(p.fit_near(O, 2 * MIB, 2000), Some((MIB, MIB)));
+        // Unknown blocks keep company with the unknown, and the best fit breaks ties.
+        let q = pool(0, &[(MIB, Some(UNKNOWN)), (3 * MIB, None), (MIB, Some(1))]);
+        assert_eq!(q.fit_near(O, MIB, UNKNOWN), Some((MIB, 0)));
+    }
+
+    #[test]
+    fn with_no_live_neighbour_it_is_the_best_fit() {
+        let p = pool(0, &[(5 * MIB, None)]);
+        assert_eq!(p.fit_near(O, MIB, 3), Some((0, 0)));
+        assert_eq!(p.fit_near(O, 6 * MIB, 3), None);
+        let other = Owner::ordinary(Stream(9));
+        assert_eq!(p.fit_near(other, MIB, 3), None, "only the owner's blocks");
+    }
+
+    #[test]
+    fn allocating_inside_a_free_block_keeps_both_sides_free() {
+        let mut p = pool(0, &[(8 * MIB, None)]);
+        let at = p.allocate_at(0, 2 * MIB, 2 * MIB - 100, O, 3 * MIB, stamp(4));
+        assert_eq!(at, 3 * MIB);
+        p.check_invariants().unwrap();
+        let free: Vec<(u64, u64)> = p.free_blocks().map(|(a, b)| (a, b.size)).collect();
+        assert!(free.contains(&(0, 3 * MIB)) && free.contains(&(5 * MIB, 3 * MIB)));
+        assert_eq!(
+            p.release(at, 1, false),
+            Some((2 * MIB, 2 * MIB - 100, stamp(4)))
+        );
+        p.check_invariants().unwrap();
+        assert_eq!(
+            p.free_blocks()
+                .map(|(a, b)| (a, b.size))
+                .collect::<Vec<_>>(),
+            [(0, 8 * MIB)]
+        );
     }
 }

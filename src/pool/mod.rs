@@ -7,6 +7,7 @@
 //! another pool while that pool is in use (CUDA graphs, `device/graphs.rs`).
 
 pub(crate) mod large;
+pub(crate) mod lifetimes;
 pub(crate) mod small;
 
 use crate::driver::Stream;

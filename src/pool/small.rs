@@ -193,6 +193,19 @@ pub(crate) struct SlotInfo {
     pub(crate) owner: Owner,
 }
 
+/// Where the bytes of one granule are ([`SmallPool::usage`]); the fields sum to the granule.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct GranuleUsage {
+    pub(crate) requested: u64,
+    pub(crate) rounding: u64,
+    pub(crate) class: u64,
+    pub(crate) parked: u64,
+    pub(crate) free_slots: u64,
+    pub(crate) run_tails: u64,
+    pub(crate) idle_runs: u64,
+    pub(crate) free_units: u64,
+}
+
 /// The small pool of one device.
 #[derive(Debug)]
 pub(crate) struct SmallPool {
@@ -583,6 +596,44 @@ impl SmallPool {
             }
         }
         out
+    }
+
+    /// Where the bytes of granule `g` are (`parked`: whether an allocated slot is a parked free).
+    pub(crate) fn usage(&self, g: &Granule, parked: &dyn Fn(DevicePtr) -> bool) -> GranuleUsage {
+        let mut u = GranuleUsage::default();
+        let mut seen = NO_RUN;
+        for &rid in &g.unit_run {
+            if rid == NO_RUN {
+                u.free_units += self.unit;
+                continue;
+            }
+            if rid == seen {
+                continue;
+            }
+            seen = rid;
+            let run = self.runs[rid as usize].as_ref().expect("live run");
+            let size = self.classes.sizes[run.class as usize];
+            let span = run.units as u64 * self.unit;
+            let slots = run.requested.len() as u64 * size;
+            if run.live == 0 {
+                u.idle_runs += span;
+                continue;
+            }
+            u.run_tails += span - slots;
+            for (s, &req) in run.requested.iter().enumerate() {
+                if req == 0 {
+                    u.free_slots += size;
+                } else if parked(run.base + s as u64 * size) {
+                    u.parked += size;
+                } else {
+                    let rounded = req.div_ceil(512) * 512;
+                    u.requested += req;
+                    u.rounding += rounded - req;
+                    u.class += size - rounded;
+                }
+            }
+        }
+        u
     }
 
     /// (allocated bytes, requested bytes, allocated slots) over the whole pool.

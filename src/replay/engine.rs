@@ -25,7 +25,7 @@ use crate::error::Error;
 use crate::replay::pytorch::{PytorchAllocator, Rules};
 use crate::replay::trace::{Op, Trace};
 use crate::sync::Arc;
-use crate::Tessera;
+use crate::{Breakdown, Tessera};
 use std::fmt;
 use std::str::FromStr;
 use std::time::Instant;
@@ -107,6 +107,10 @@ pub struct ReplayOptions {
     /// Keep what an export needs: the address of every event, the driver's memory calls, the
     /// segments at the end ([`Outcome::recording`]).
     pub record: bool,
+    /// Take a [`Breakdown`] of the device right after this event ([`Outcome::breakdown`]).
+    pub explain_at: Option<usize>,
+    /// Take a [`Breakdown`] of the device at the first OOM ([`FirstOom::breakdown`]).
+    pub explain_oom: bool,
 }
 
 impl Default for ReplayOptions {
@@ -122,6 +126,8 @@ impl Default for ReplayOptions {
             },
             stop_at_first_oom: false,
             record: false,
+            explain_at: None,
+            explain_oom: false,
         }
     }
 }
@@ -166,6 +172,10 @@ pub struct Outcome {
     pub samples: Vec<Sample>,
     /// With [`ReplayOptions::record`]: where everything went.
     pub recording: Option<Recording>,
+    /// With [`ReplayOptions::explain_at`]: where the device's bytes were right after that event.
+    pub breakdown: Option<Breakdown>,
+    /// Allocations that succeeded.
+    pub allocations: u64,
 }
 
 /// Where a replay put everything: what an export writes.
@@ -196,6 +206,9 @@ pub struct FirstOom {
     pub live_bytes: u64,
     /// Bytes the device held when the allocator gave up (after its OOM sequence).
     pub reserved_bytes: u64,
+    /// With [`ReplayOptions::explain_oom`]: where the device's bytes were when it gave up (the
+    /// stream asked about is the request's).
+    pub breakdown: Option<Breakdown>,
 }
 
 impl Outcome {
@@ -330,6 +343,14 @@ impl Runner {
         }
     }
 
+    /// Where the device's bytes are now; `stream`'s free memory is told apart from the others'.
+    fn breakdown(&self, drv: &SimDriver, stream: Stream) -> Breakdown {
+        match self {
+            Runner::Tessera(t) => t.breakdown(0, Some(stream)).unwrap_or_default(),
+            Runner::Pytorch(p) => breakdown_of_segments(&p.segments(), drv.bytes_in_use(0)),
+        }
+    }
+
     fn remaps(&self) -> u64 {
         match self {
             Runner::Tessera(t) => t.stats(0).map(|s| s.remaps).unwrap_or(0),
@@ -383,6 +404,8 @@ pub fn replay(
         seconds: 0.0,
         samples: Vec::new(),
         recording: None,
+        breakdown: None,
+        allocations: 0,
     };
     let mut recording = opts.record.then(Recording::default);
     drv.log_memory(opts.record);
@@ -398,6 +421,7 @@ pub fn replay(
             Op::Alloc { slot, size, stream } => {
                 match runner.allocate(size, streams[stream as usize]) {
                     Ok(ptr) => {
+                        out.allocations += 1;
                         ptrs[slot as usize] = ptr;
                         event_addr = ptr;
                         sizes[slot as usize] = size;
@@ -431,6 +455,9 @@ pub fn replay(
                                 stream,
                                 live_bytes: live,
                                 reserved_bytes: drv.bytes_in_use(0),
+                                breakdown: opts
+                                    .explain_oom
+                                    .then(|| runner.breakdown(&drv, streams[stream as usize])),
                             });
                         }
                         if opts.stop_at_first_oom {
@@ -471,6 +498,13 @@ pub fn replay(
                     live -= size;
                 }
             }
+        }
+        if opts.explain_at == Some(i) {
+            let stream = match ev.op {
+                Op::Alloc { stream, .. } => streams[stream as usize],
+                Op::Free { .. } => Stream(0),
+            };
+            out.breakdown = Some(runner.breakdown(&drv, stream));
         }
         if let Some(r) = &mut recording {
             r.addrs.push(event_addr);
@@ -574,6 +608,8 @@ pub fn min_capacity(
             samples: 0,
             stop_at_first_oom: true,
             record: false,
+            explain_at: None,
+            explain_oom: false,
             ..opts.clone()
         };
         Ok(replay(trace, policy, &opts, &mut |_| {})?.ooms == 0)
@@ -602,6 +638,63 @@ pub fn min_capacity(
         }
     }
     Ok(Some(hi * step))
+}
+
+/// A coarse [`Breakdown`] from a policy's segments (PyTorch's rules): live requests, rounding (the
+/// block beyond the 512 B-rounded request, PyTorch's unsplit remainders, in `class_bytes`), free
+/// blocks in segments with live data (`small_free_slot_bytes` in the small pool,
+/// `large_free_bytes` in the large one), and wholly free segments (`free_page_bytes`). What the
+/// driver holds beyond the segments is counted as free pages too.
+pub fn breakdown_of_segments(
+    segments: &[crate::torch_snapshot::Segment],
+    reserved: u64,
+) -> Breakdown {
+    use crate::torch_snapshot::BlockState as S;
+    let mut b = Breakdown {
+        reserved_bytes: reserved,
+        ..Breakdown::default()
+    };
+    let mut held = 0;
+    for seg in segments {
+        held += seg.total_size;
+        let used = seg.blocks.iter().any(|blk| blk.state != S::Inactive);
+        for blk in &seg.blocks {
+            match blk.state {
+                S::Inactive if !used => b.free_page_bytes += blk.size,
+                S::Inactive if seg.small => b.small_free_slot_bytes += blk.size,
+                S::Inactive => b.large_free_bytes += blk.size,
+                S::Allocated => {
+                    let rounded = blk.requested_size.div_ceil(512) * 512;
+                    b.requested_bytes += blk.requested_size;
+                    b.rounding_bytes += rounded.min(blk.size) - blk.requested_size.min(blk.size);
+                    b.class_bytes += blk.size.saturating_sub(rounded);
+                }
+                _ => b.parked_bytes += blk.size,
+            }
+        }
+    }
+    b.free_page_bytes += reserved.saturating_sub(held);
+    b
+}
+
+/// The index of the event after which the most bytes are live when every allocation of `trace`
+/// succeeds (the first such event), or `None` for a trace that allocates nothing.
+pub fn trace_peak_event(trace: &Trace) -> Option<usize> {
+    let mut sizes = vec![0u64; trace.slots as usize];
+    let (mut live, mut peak, mut at) = (0u64, 0u64, None);
+    for (i, ev) in trace.events.iter().enumerate() {
+        match ev.op {
+            Op::Alloc { slot, size, .. } => {
+                sizes[slot as usize] = size;
+                live = live.saturating_add(size);
+                if live > peak {
+                    (peak, at) = (live, Some(i));
+                }
+            }
+            Op::Free { slot } => live -= sizes[slot as usize],
+        }
+    }
+    at
 }
 
 /// The largest number of bytes live at once when every allocation of `trace` succeeds.

@@ -23,9 +23,9 @@ pub mod report;
 pub mod trace;
 
 pub use engine::{FirstOom, Outcome, Policy, ReplayError, ReplayOptions, Sample};
-pub use report::{OomInfo, Row};
+pub use report::{Moment, OomInfo, Row};
 
-use engine::{min_capacity, replay, trace_peak_live};
+use engine::{min_capacity, replay, trace_peak_event, trace_peak_live, MIN_CAPACITY_STEP};
 use trace::Trace;
 
 /// Everything measured on one trace.
@@ -41,18 +41,36 @@ pub struct TraceReport {
     pub errors: Vec<ReplayError>,
 }
 
-/// Replays `trace` through every policy in `policies`; with `find_min_capacity`, also bisects the
-/// smallest capacity each needs. `progress(policy, events done)` is called now and then. A policy
-/// whose replay fails gets no row and its error in [`TraceReport::errors`]; the others go on.
+/// What [`run`] measures beyond one replay per policy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Measures {
+    /// Bisect the smallest capacity each policy needs, and count the remaps of a replay there.
+    pub min_capacity: bool,
+    /// Break the bytes down by cause ([`crate::Breakdown`]) at the peak of live bytes, and, with
+    /// `min_capacity`, at the same moment at the smallest capacity and at the OOM one step below
+    /// it.
+    pub explain: bool,
+}
+
+/// Replays `trace` through every policy in `policies`, measuring what `measures` asks for.
+/// `progress(policy, events done)` is called now and then. A policy whose replay fails gets no
+/// row and its error in [`TraceReport::errors`]; the others go on.
 pub fn run(
     trace: &Trace,
     policies: &[Policy],
     opts: &ReplayOptions,
-    find_min_capacity: bool,
+    measures: Measures,
     progress: &mut dyn FnMut(Policy, usize),
 ) -> TraceReport {
     let dropped = trace.problems.len() as u64;
     let peak_live = trace_peak_live(trace);
+    let peak_event = trace_peak_event(trace);
+    let explain_at = peak_event.filter(|_| measures.explain);
+    let main_opts = ReplayOptions {
+        explain_at,
+        ..opts.clone()
+    };
+    let opts = &main_opts;
     let mut report = TraceReport {
         rows: Vec::new(),
         outcomes: Vec::new(),
@@ -70,6 +88,7 @@ pub fn run(
         };
         let mut row = Row::from_outcome(&trace.name, opts.capacity, dropped, &outcome);
         describe_trace(&mut row, trace);
+        row.explain_at_peak = moment(&outcome, explain_at, None);
         if let Some(o) = &outcome.first_oom {
             row.first_oom = Some(OomInfo {
                 line: o.line,
@@ -89,14 +108,18 @@ pub fn run(
             .first_oom
             .as_ref()
             .map_or_else(|| "fits".to_owned(), OomInfo::headline);
-        if find_min_capacity {
+        if measures.min_capacity {
             let known_fit = (outcome.ooms == 0).then_some(outcome.peak_reserved_bytes);
-            match min_capacity(trace, policy, opts, peak_live, known_fit) {
-                Ok(bytes) => row.set_min_capacity(bytes, peak_live),
-                Err(e) => {
-                    report.errors.push(e);
-                    continue;
+            let found = min_capacity(trace, policy, opts, peak_live, known_fit).and_then(|bytes| {
+                row.set_min_capacity(bytes, peak_live);
+                match bytes {
+                    Some(c) => at_min_capacity(trace, policy, opts, c, &mut row),
+                    None => Ok(()),
                 }
+            });
+            if let Err(e) = found {
+                report.errors.push(e);
+                continue;
             }
         }
         if let Some(rec) = recorded_peak.filter(|&r| r > 0) {
@@ -149,6 +172,59 @@ pub fn run(
         report.rows.push(row);
     }
     report
+}
+
+/// The breakdown `outcome` took after event `at`, as a [`Moment`].
+fn moment(outcome: &Outcome, at: Option<usize>, capacity: Option<u64>) -> Option<Moment> {
+    Some(Moment {
+        event: at?,
+        capacity_bytes: capacity,
+        failed_request_bytes: None,
+        breakdown: outcome.breakdown?,
+    })
+}
+
+/// Replays at the smallest capacity `capacity` (remaps there; with `explain_at`, the breakdown at
+/// that moment), and with `explain_at`, one step below it up to its first OOM (the breakdown
+/// there).
+fn at_min_capacity(
+    trace: &Trace,
+    policy: Policy,
+    opts: &ReplayOptions,
+    capacity: u64,
+    row: &mut Row,
+) -> Result<(), ReplayError> {
+    let at = ReplayOptions {
+        capacity,
+        verify: false,
+        samples: 0,
+        record: false,
+        ..opts.clone()
+    };
+    let o = replay(trace, policy, &at, &mut |_| {})?;
+    row.remaps_at_min_capacity = Some(o.remaps);
+    row.remaps_per_1000_at_min_capacity =
+        Some((o.remaps as f64 * 1000.0 / o.allocations.max(1) as f64 * 10.0).round() / 10.0);
+    row.explain_at_min_capacity = moment(&o, opts.explain_at, Some(capacity));
+    if opts.explain_at.is_some() && capacity > MIN_CAPACITY_STEP {
+        let below = ReplayOptions {
+            capacity: capacity - MIN_CAPACITY_STEP,
+            stop_at_first_oom: true,
+            explain_at: None,
+            explain_oom: true,
+            ..at
+        };
+        let o = replay(trace, policy, &below, &mut |_| {})?;
+        row.explain_below_min_capacity = o.first_oom.and_then(|f| {
+            Some(Moment {
+                event: f.event,
+                capacity_bytes: Some(below.capacity),
+                failed_request_bytes: Some(f.size),
+                breakdown: f.breakdown?,
+            })
+        });
+    }
+    Ok(())
 }
 
 /// What every row of a trace says about it.

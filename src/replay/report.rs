@@ -16,6 +16,7 @@
 
 use crate::bytes::format_bytes;
 use crate::replay::engine::{overhead_pct, Outcome};
+use crate::Breakdown;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -87,6 +88,44 @@ pub struct Row {
     /// The name of the policy that models the recorded configuration, on every row of a trace
     /// whose recording allocator's configuration is known.
     pub models_recorded: Option<String>,
+    /// Pages remapped in the replay at the smallest capacity (tessera), when searched for.
+    pub remaps_at_min_capacity: Option<u64>,
+    /// Those remaps per 1,000 allocations of that replay.
+    pub remaps_per_1000_at_min_capacity: Option<f64>,
+    /// With `--explain`: where the bytes were at the peak of live bytes, in the replay at
+    /// `capacity_bytes`.
+    pub explain_at_peak: Option<Moment>,
+    /// With `--explain`: the same moment in the replay at the smallest capacity: what the bytes
+    /// above live at that capacity are.
+    pub explain_at_min_capacity: Option<Moment>,
+    /// With `--explain`: where the bytes were when the replay one step below the smallest capacity
+    /// ran out of memory: why that capacity is not enough.
+    pub explain_below_min_capacity: Option<Moment>,
+}
+
+/// A [`Breakdown`] of the device at one moment of a replay.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Moment {
+    /// The event after which (or, at an OOM, during which) it was taken.
+    pub event: usize,
+    /// Memory of the simulated device at the smallest capacity and below it
+    /// (`capacity_bytes` − `reserved_bytes` was never reserved); `None` at the peak, where the
+    /// capacity is no constraint.
+    pub capacity_bytes: Option<u64>,
+    /// The request that failed, at an OOM.
+    pub failed_request_bytes: Option<u64>,
+    /// Where the reserved bytes were; `requested_bytes` is the live bytes at that moment.
+    #[serde(flatten)]
+    pub breakdown: Breakdown,
+}
+
+impl Moment {
+    /// Bytes above live: every cause, plus what was never reserved when the capacity is set.
+    pub fn above_live(&self) -> u64 {
+        self.capacity_bytes
+            .unwrap_or(self.breakdown.reserved_bytes)
+            .saturating_sub(self.breakdown.requested_bytes)
+    }
 }
 
 /// Where a run ran out of memory.
@@ -182,6 +221,11 @@ impl Row {
             recorded_retries: 0,
             recorded_limit_bytes: None,
             models_recorded: None,
+            remaps_at_min_capacity: None,
+            remaps_per_1000_at_min_capacity: None,
+            explain_at_peak: None,
+            explain_at_min_capacity: None,
+            explain_below_min_capacity: None,
         }
     }
 
@@ -281,7 +325,7 @@ pub fn render_table(rows: &[Row]) -> String {
         header.push("vs recorded");
     }
     if with_min {
-        header.extend(["min capacity", "÷ peak live"]);
+        header.extend(["min capacity", "÷ peak live", "remaps/1k there"]);
     }
     if with_start {
         // Memory live before a snapshot's first entry, reconstructed: part of every row's live.
@@ -321,6 +365,11 @@ pub fn render_table(rows: &[Row]) -> String {
             line.push(
                 r.min_capacity_ratio
                     .map(|x| format!("{x:.3}"))
+                    .unwrap_or_else(dash),
+            );
+            line.push(
+                r.remaps_per_1000_at_min_capacity
+                    .map(|x| format!("{x:.1}"))
                     .unwrap_or_else(dash),
             );
         }
@@ -371,6 +420,72 @@ pub fn render_table(rows: &[Row]) -> String {
         out.push('\n');
         out.push_str(&align(&calls, 2));
     }
+    out
+}
+
+/// `--explain`: per row and moment, the bytes above live by cause, in MiB, and as a share of the
+/// trace's peak live bytes.
+pub fn render_explain(rows: &[Row]) -> String {
+    let mut header: Vec<String> = [
+        "trace",
+        "policy",
+        "moment",
+        "event",
+        "live",
+        "request",
+        "above live",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let causes = Breakdown::default().causes();
+    header.extend(causes.iter().map(|(name, _)| name.to_string()));
+    header.push("unreserved".into());
+    let mut table = vec![header];
+    let mib = |b: u64| format!("{:.1}", b as f64 / (1u64 << 20) as f64);
+    for r in rows {
+        let moments = [
+            ("peak", &r.explain_at_peak),
+            ("min capacity", &r.explain_at_min_capacity),
+            ("below min (OOM)", &r.explain_below_min_capacity),
+        ];
+        for (name, m) in moments {
+            let Some(m) = m else { continue };
+            let b = &m.breakdown;
+            let mut line = vec![
+                r.trace.clone(),
+                r.policy.clone(),
+                name.to_string(),
+                m.event.to_string(),
+                mib(b.requested_bytes),
+                m.failed_request_bytes
+                    .map(mib)
+                    .unwrap_or_else(|| "-".into()),
+                format!(
+                    "{} ({:.2}%)",
+                    mib(m.above_live()),
+                    m.above_live() as f64 / r.peak_live_bytes.max(1) as f64 * 100.0
+                ),
+            ];
+            line.extend(b.causes().iter().map(|&(_, v)| mib(v)));
+            line.push(
+                m.capacity_bytes
+                    .map(|c| mib(c.saturating_sub(b.reserved_bytes)))
+                    .unwrap_or_else(|| "-".into()),
+            );
+            table.push(line);
+        }
+    }
+    if table.len() == 1 {
+        return String::new();
+    }
+    let mut out = String::from(
+        "where the bytes above live are, in MiB: at the peak of live bytes (above live = reserved - \
+         live), the same event at the smallest capacity and, one step below it, where the replay \
+         ran out of memory (above live = capacity - live, the failed request included in no \
+         column); shares are of the trace's peak live bytes\n",
+    );
+    out.push_str(&align(&table, 3));
     out
 }
 
