@@ -393,10 +393,16 @@ def log(msg: str) -> None:
 
 
 def run_transformer(args) -> dict:
+    return _train_gpt(args, checkpointing=False)
+
+
+def _train_gpt(args, checkpointing: bool) -> dict:
+    """The GPT decoder trained with AdamW, sequence length random per step (transformer and
+    checkpoint)."""
     rng = random.Random(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     model = GPT(args.vocab, args.d_model, args.layers, args.heads, 4 * args.d_model,
-                args.max_seq, args.dropout, args.attn_dropout)
+                args.max_seq, args.dropout, args.attn_dropout, checkpointing=checkpointing)
     # foreach=True: what AdamW does by default on CUDA (one multi-tensor step, its temporaries
     # for all parameters at once), not the per-parameter loop it defaults to on the CPU.
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, foreach=True)
@@ -468,26 +474,7 @@ def run_inference(args) -> dict:
 
 def run_checkpoint(args) -> dict:
     """run_transformer's model and loop, with every block under activation checkpointing."""
-    rng = random.Random(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    model = GPT(args.vocab, args.d_model, args.layers, args.heads, 4 * args.d_model,
-                args.max_seq, args.dropout, args.attn_dropout, checkpointing=True)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, foreach=True)
-    model.train()
-    lengths = []
-    for step in range(args.steps):
-        n = rng.randint(args.min_seq, args.max_seq)
-        lengths.append(n)
-        data = torch.randint(args.vocab, (args.batch, n + 1), generator=gen)
-        inp, tgt = data[:, :-1], data[:, 1:]
-        logits = model(inp)
-        loss = F.cross_entropy(logits.reshape(-1, args.vocab), tgt.reshape(-1))
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        log(f"  step {step + 1}/{args.steps}: seq {n}, loss {loss.item():.3f}")
-        del data, inp, tgt, logits, loss
-    return {"params": sum(p.numel() for p in model.parameters()), "seq_lengths": lengths}
+    return _train_gpt(args, checkpointing=True)
 
 
 def run_moe(args) -> dict:

@@ -45,7 +45,7 @@ use tessera::{Backend, Error, Tessera};
 
 const CAPACITY: u64 = 64 * MIB;
 /// `Config::default().small_max`: larger requests are large.
-const SMALL_MAX: u64 = MIB;
+const SMALL_MAX: u64 = 64 << 10;
 const DEFAULT_CASES: u32 = 256;
 
 #[derive(Clone, Debug)]

@@ -15,7 +15,7 @@
 //!   its own rounded size with them; it is what "the same request" means from one step to the
 //!   next (a position in the repeating sequence of requests, robust to the sequence shifting).
 //! - A *table* of the lifetime seen last time per key: direct-mapped, [`TABLE_SIZE`] entries of a
-//!   32-bit tag and a 32-bit lifetime. A bounded table keeps the memory fixed (32 KiB per device)
+//!   32-bit tag and a 32-bit lifetime. A bounded table keeps the memory fixed (128 KiB per device)
 //!   however many shapes a run goes through: a collision forgets one key's lifetime. No
 //!   allocation, and one load, on the hot path.
 //!

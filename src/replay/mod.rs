@@ -202,9 +202,12 @@ fn at_min_capacity(
         ..opts.clone()
     };
     let o = replay(trace, policy, &at, &mut |_| {})?;
-    row.remaps_at_min_capacity = Some(o.remaps);
-    row.remaps_per_1000_at_min_capacity =
-        Some((o.remaps as f64 * 1000.0 / o.allocations.max(1) as f64 * 10.0).round() / 10.0);
+    // Only tessera's policies remap; PyTorch's rules count nothing here ("-", not 0).
+    if matches!(policy, Policy::Tessera | Policy::Legacy) {
+        row.remaps_at_min_capacity = Some(o.remaps);
+        row.remaps_per_1000_at_min_capacity =
+            Some((o.remaps as f64 * 1000.0 / o.allocations.max(1) as f64 * 10.0).round() / 10.0);
+    }
     row.explain_at_min_capacity = moment(&o, opts.explain_at, Some(capacity));
     if opts.explain_at.is_some() && capacity > MIN_CAPACITY_STEP {
         let below = ReplayOptions {
