@@ -63,7 +63,12 @@ fn allocator(capacity: u64) -> (Arc<SimDriver>, Tessera) {
         backing: Backing::Bookkeeping,
         ..SimConfig::default()
     }));
-    let config = Config::builder().check_invariants(false).build().unwrap();
+    // 1 MiB requests are small here (two slots a granule), as the granule cases assume.
+    let config = Config::builder()
+        .check_invariants(false)
+        .small_max(1 << 20)
+        .build()
+        .unwrap();
     let t = Tessera::untraced(sim.clone(), config).unwrap();
     (sim, t)
 }
