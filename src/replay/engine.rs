@@ -677,9 +677,9 @@ pub fn breakdown_of_segments(
     b
 }
 
-/// The index of the event after which the most bytes are live when every allocation of `trace`
-/// succeeds (the first such event), or `None` for a trace that allocates nothing.
-pub fn trace_peak_event(trace: &Trace) -> Option<usize> {
+/// The most bytes live at once when every allocation of `trace` succeeds, and the index of the
+/// (first) event after which they are live; `(0, None)` for a trace that allocates nothing.
+pub fn trace_peak(trace: &Trace) -> (u64, Option<usize>) {
     let mut sizes = vec![0u64; trace.slots as usize];
     let (mut live, mut peak, mut at) = (0u64, 0u64, None);
     for (i, ev) in trace.events.iter().enumerate() {
@@ -694,24 +694,12 @@ pub fn trace_peak_event(trace: &Trace) -> Option<usize> {
             Op::Free { slot } => live -= sizes[slot as usize],
         }
     }
-    at
+    (peak, at)
 }
 
 /// The largest number of bytes live at once when every allocation of `trace` succeeds.
 pub fn trace_peak_live(trace: &Trace) -> u64 {
-    let mut sizes = vec![0u64; trace.slots as usize];
-    let (mut live, mut peak) = (0u64, 0u64);
-    for ev in &trace.events {
-        match ev.op {
-            Op::Alloc { slot, size, .. } => {
-                sizes[slot as usize] = size;
-                live = live.saturating_add(size);
-                peak = peak.max(live);
-            }
-            Op::Free { slot } => live -= sizes[slot as usize],
-        }
-    }
-    peak
+    trace_peak(trace).0
 }
 
 /// `--verify`: a pattern in the first and last bytes of every allocation (up to 4 KiB each way:

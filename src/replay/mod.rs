@@ -25,7 +25,7 @@ pub mod trace;
 pub use engine::{FirstOom, Outcome, Policy, ReplayError, ReplayOptions, Sample};
 pub use report::{Moment, OomInfo, Row};
 
-use engine::{min_capacity, replay, trace_peak_event, trace_peak_live, MIN_CAPACITY_STEP};
+use engine::{min_capacity, replay, trace_peak, MIN_CAPACITY_STEP};
 use trace::Trace;
 
 /// Everything measured on one trace.
@@ -63,8 +63,7 @@ pub fn run(
     progress: &mut dyn FnMut(Policy, usize),
 ) -> TraceReport {
     let dropped = trace.problems.len() as u64;
-    let peak_live = trace_peak_live(trace);
-    let peak_event = trace_peak_event(trace);
+    let (peak_live, peak_event) = trace_peak(trace);
     let explain_at = peak_event.filter(|_| measures.explain);
     let main_opts = ReplayOptions {
         explain_at,
