@@ -264,7 +264,7 @@ impl Tessera {
     pub fn allocation(&self, ptr: DevicePtr) -> Option<Allocation> {
         let dev = self.address_map.device_of(ptr)?;
         let st = self.device(dev).ok()?.state.lock();
-        st.allocation(ptr)
+        st.user_allocation(ptr)
             .map(|(base, size, requested, owner)| Allocation {
                 device: dev,
                 base,
@@ -279,8 +279,9 @@ impl Tessera {
     pub fn record_stream(&self, ptr: DevicePtr, stream: Stream) -> Result<()> {
         let dev = self.device_of(ptr)?;
         let d = self.device(dev)?;
+        let me = d.my_cache();
         let mut st = d.state.lock();
-        let r = st.record_stream(ptr, stream);
+        let r = st.record_stream_user(me, ptr, stream);
         st.checked();
         r
     }
@@ -290,6 +291,7 @@ impl Tessera {
     pub fn empty_cache(&self, device: usize) -> Result<u64> {
         let d = self.device(device)?;
         let mut st = d.state.lock();
+        st.drain_caches();
         st.compact()?;
         let r = st.release_cache();
         st.checked();
@@ -318,6 +320,7 @@ impl Tessera {
     pub fn trim(&self, device: usize) -> Result<u64> {
         let d = self.device(device)?;
         let mut st = d.state.lock();
+        st.drain_caches();
         if let Err(e) = st.settle_pending(false) {
             st.c.note_driver_error(&e);
         }
@@ -366,16 +369,24 @@ impl Tessera {
         Ok(())
     }
 
-    /// Where every byte `device` reserves is now, by cause ([`Breakdown`]). Free bytes that
-    /// share a page with live data and belong to a stream other than `stream` (when given) are
-    /// counted apart: a request on `stream` cannot use them at once.
+    /// Where every byte `device` reserves is now, by cause ([`Breakdown`]), after the thread
+    /// caches' free blocks went back to the pools. Free bytes that share a page with live data and
+    /// belong to a stream other than `stream` (when given) are counted apart: a request on
+    /// `stream` cannot use them at once.
     pub fn breakdown(&self, device: usize, stream: Option<Stream>) -> Result<Breakdown> {
-        Ok(self.device(device)?.state.lock().breakdown(stream))
+        let d = self.device(device)?;
+        let mut st = d.state.lock();
+        st.drain_caches();
+        Ok(st.breakdown(stream))
     }
 
-    /// Every segment and block of `device` now, with its statistics.
+    /// Every segment and block of `device` now, with its statistics, after the thread caches'
+    /// free blocks went back to the pools (a block free in a cache would look allocated).
     pub fn snapshot(&self, device: usize) -> Result<Snapshot> {
-        Ok(self.device(device)?.state.lock().snapshot())
+        let d = self.device(device)?;
+        let mut st = d.state.lock();
+        st.drain_caches();
+        Ok(st.snapshot())
     }
 
     /// Starts routing allocations on `device` whose stream `filter` accepts to the private pool
@@ -396,6 +407,11 @@ impl Tessera {
         let d = self.device(device)?;
         let mut st = d.state.lock();
         let r = st.begin_pool(id, filter);
+        // Seizing every cache makes every later hit see the route (`tcache.rs`): none serves a
+        // request the route should take. Their free blocks go back to the pools too.
+        st.drain_caches();
+        let caches = st.seize(false);
+        st.end_seize(caches);
         st.checked();
         r
     }
@@ -421,10 +437,13 @@ impl Tessera {
         r
     }
 
-    /// Checks every invariant of `device`; the message names the first broken one.
+    /// Checks every invariant of `device`; the message names the first broken one. Every thread
+    /// cache is checked in full and its free blocks go back to the pools first.
     pub fn check_invariants(&self, device: usize) -> std::result::Result<(), String> {
         let d = self.device(device).map_err(|e| e.to_string())?;
-        let st = d.state.lock();
+        let mut st = d.state.lock();
+        st.check_all_caches()?;
+        st.drain_caches();
         st.check_invariants()
     }
 }

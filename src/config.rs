@@ -18,6 +18,7 @@
 //! | `small_max`        | a size, at least 512 B                  | `64KiB`                          |
 //! | `size_classes`     | classes per doubling, integer 1..=16    | `4`                              |
 //! | `placement`        | `lifetime` or `best_fit`                | `lifetime`                       |
+//! | `thread_cache`     | a size: free bytes one thread may hold  | `32MiB` (`0`: no thread caches)  |
 //! | `check_invariants` | `true`, `false`, `1` or `0`             | on in debug builds, else off     |
 //!
 //! `size_classes` is the field [`Config::classes_per_doubling`]. When both `limit` and
@@ -48,7 +49,7 @@ use std::str::FromStr;
 pub const ENV_VAR: &str = "TESSERA_CONF";
 
 /// The keys of `TESSERA_CONF`, in the order `Display` prints them.
-pub const KEYS: [&str; 8] = [
+pub const KEYS: [&str; 9] = [
     "backend",
     "page_size",
     "limit",
@@ -56,6 +57,7 @@ pub const KEYS: [&str; 8] = [
     "small_max",
     "size_classes",
     "placement",
+    "thread_cache",
     "check_invariants",
 ];
 
@@ -167,6 +169,9 @@ pub struct Config {
     pub classes_per_doubling: u32,
     /// Where large blocks go among the free blocks that hold them.
     pub placement: Placement,
+    /// Free bytes one thread may keep cached per device, off the device lock (`device/tcache.rs`);
+    /// blocks larger than a quarter of it are never cached. 0 turns the thread caches off.
+    pub thread_cache: u64,
     /// Run `check_invariants()` after every mutation (slow; on by default in debug builds).
     pub check_invariants: bool,
 }
@@ -183,6 +188,9 @@ impl Default for Config {
             small_max: 64 << 10,
             classes_per_doubling: 4,
             placement: Placement::Lifetime,
+            // docs/design-notes.md, "Thread caches": enough for a hot pair up to 8 MiB and a
+            // refill batch of every small class, small beside a GPU.
+            thread_cache: 32 << 20,
             check_invariants: cfg!(debug_assertions),
         }
     }
@@ -330,6 +338,7 @@ impl Config {
                 self.placement =
                     Placement::from_name(value).ok_or("expected lifetime or best_fit")?;
             }
+            "thread_cache" => self.thread_cache = parse_bytes(value)?,
             "check_invariants" => {
                 self.check_invariants = match value {
                     "true" | "1" => true,
@@ -384,10 +393,11 @@ impl fmt::Display for Config {
         }
         write!(
             f,
-            ",small_max:{},size_classes:{},placement:{},check_invariants:{}",
+            ",small_max:{},size_classes:{},placement:{},thread_cache:{},check_invariants:{}",
             format_bytes_exact(self.small_max),
             self.classes_per_doubling,
             self.placement,
+            format_bytes_exact(self.thread_cache),
             self.check_invariants
         )
     }
@@ -440,6 +450,11 @@ impl ConfigBuilder {
     /// Sets [`Config::placement`].
     pub fn placement(mut self, placement: Placement) -> Self {
         self.0.placement = placement;
+        self
+    }
+    /// Sets [`Config::thread_cache`], in bytes (0: no thread caches).
+    pub fn thread_cache(mut self, bytes: u64) -> Self {
+        self.0.thread_cache = bytes;
         self
     }
     /// Sets [`Config::check_invariants`].
@@ -519,6 +534,8 @@ mod tests {
         assert_eq!(p("size_classes:16").classes_per_doubling, 16);
         assert_eq!(p("placement:best_fit").placement, Placement::BestFit);
         assert_eq!(p("placement:lifetime").placement, Placement::Lifetime);
+        assert_eq!(p("thread_cache:0").thread_cache, 0);
+        assert_eq!(p("thread_cache:8MiB").thread_cache, 8 << 20);
         for (v, on) in [("true", true), ("1", true), ("false", false), ("0", false)] {
             assert_eq!(p(&format!("check_invariants:{v}")).check_invariants, on);
         }
@@ -571,7 +588,7 @@ mod tests {
                 .build()
                 .unwrap()
                 .to_string(),
-            "backend:vmm,limit:8GiB,small_max:64KiB,size_classes:4,placement:lifetime,check_invariants:false"
+            "backend:vmm,limit:8GiB,small_max:64KiB,size_classes:4,placement:lifetime,thread_cache:32MiB,check_invariants:false"
         );
     }
 
@@ -679,6 +696,7 @@ mod tests {
             small_max in 512u64..(1 << 30),
             classes in 1u32..=16,
             best_fit in any::<bool>(),
+            thread_cache in 0u64..(1 << 40),
             check in any::<bool>(),
         ) {
             let c = Config {
@@ -689,6 +707,7 @@ mod tests {
                 small_max,
                 classes_per_doubling: classes,
                 placement: if best_fit { Placement::BestFit } else { Placement::Lifetime },
+                thread_cache,
                 check_invariants: check,
             };
             c.validate().unwrap();

@@ -11,17 +11,22 @@ use crate::driver::{DevicePtr, Stream};
 use serde::Serialize;
 
 /// Running counters of one device (kept under its lock).
+///
+/// `allocated`, `requested` and `active` are the pools' view: blocks that thread caches hold
+/// (`device/tcache.rs`), free in a cache or handed out from it, count as allocated, with the
+/// request the pool recorded. The user's view, in [`Stats`], takes the caches' published figures
+/// off. `allocations`, `frees`, `alloc_bytes` and `freed_bytes` count the user's calls that went
+/// through the lock (a cache hit is counted by its thread).
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Counters {
     pub(crate) allocated: u64,
-    pub(crate) peak_allocated: u64,
     pub(crate) requested: u64,
-    pub(crate) peak_requested: u64,
     pub(crate) active: u64,
-    pub(crate) peak_active: u64,
     pub(crate) peak_reserved: u64,
     pub(crate) allocations: u64,
     pub(crate) frees: u64,
+    /// Bytes allocated, ever (rounded sizes).
+    pub(crate) alloc_bytes: u64,
     /// Bytes freed, ever (the OOM sequence measures what hooks freed with it).
     pub(crate) freed_bytes: u64,
     pub(crate) remaps: u64,
@@ -36,22 +41,39 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
+    /// A user's allocation taken from the pools.
     #[inline]
     pub(crate) fn note_alloc(&mut self, size: u64, requested: u64) {
+        self.note_pool_alloc(size, requested);
+        self.note_user_alloc(size);
+    }
+
+    /// The pools hand a block out (to a user, or to a thread cache).
+    #[inline]
+    pub(crate) fn note_pool_alloc(&mut self, size: u64, requested: u64) {
         self.allocated += size;
         self.requested += requested;
         self.active += 1;
-        self.allocations += 1;
-        self.peak_allocated = self.peak_allocated.max(self.allocated);
-        self.peak_requested = self.peak_requested.max(self.requested);
-        self.peak_active = self.peak_active.max(self.active);
     }
 
+    /// A block returns to the pools.
     #[inline]
-    pub(crate) fn note_free(&mut self, size: u64, requested: u64) {
+    pub(crate) fn note_pool_free(&mut self, size: u64, requested: u64) {
         self.allocated -= size;
         self.requested -= requested;
         self.active -= 1;
+    }
+
+    /// A user's allocation, counted.
+    #[inline]
+    pub(crate) fn note_user_alloc(&mut self, size: u64) {
+        self.allocations += 1;
+        self.alloc_bytes += size;
+    }
+
+    /// A user's free, counted.
+    #[inline]
+    pub(crate) fn note_user_free(&mut self, size: u64) {
         self.frees += 1;
         self.freed_bytes += size;
     }
@@ -65,6 +87,107 @@ impl Counters {
 
     pub(crate) fn note_reserved(&mut self, reserved: u64) {
         self.peak_reserved = self.peak_reserved.max(reserved);
+    }
+}
+
+/// An amount of live memory: bytes (rounded), bytes requested, blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Amount {
+    pub(crate) bytes: u64,
+    pub(crate) requested: u64,
+    pub(crate) blocks: u64,
+}
+
+impl Amount {
+    /// One block of `bytes` bytes serving a request of `requested`.
+    #[inline]
+    pub(crate) const fn block(bytes: u64, requested: u64) -> Amount {
+        Amount {
+            bytes,
+            requested,
+            blocks: 1,
+        }
+    }
+
+    /// Whether every field is at least `other`'s.
+    #[inline]
+    pub(crate) fn covers(&self, other: Amount) -> bool {
+        self.bytes >= other.bytes
+            && self.requested >= other.requested
+            && self.blocks >= other.blocks
+    }
+
+    #[inline]
+    pub(crate) fn add(&mut self, other: Amount) {
+        self.bytes += other.bytes;
+        self.requested += other.requested;
+        self.blocks += other.blocks;
+    }
+
+    /// Takes `other` off, each field at most down to 0; returns what could not be taken.
+    #[inline]
+    pub(crate) fn take(&mut self, other: Amount) -> Amount {
+        let t = |have: &mut u64, want: u64| {
+            let got = want.min(*have);
+            *have -= got;
+            want - got
+        };
+        Amount {
+            bytes: t(&mut self.bytes, other.bytes),
+            requested: t(&mut self.requested, other.requested),
+            blocks: t(&mut self.blocks, other.blocks),
+        }
+    }
+}
+
+/// The peaks of the user's live memory, kept exact without a shared counter on the hot path.
+///
+/// Invariant: `live + Σ budgets + headroom == peak`, field by field, where `live` is the user's
+/// live memory, each thread cache's budget is what its thread may allocate without the lock, and
+/// `headroom` (here, under the device lock) is the rest. A cache hit spends its thread's budget and
+/// a hit free gives to it; everything else happens under the lock: an allocation spends the
+/// caller's budget, then the headroom, and only the remainder raises the peak; a free adds to the
+/// headroom. So live never exceeds `peak`, and the peak rises only when live memory would pass it
+/// with every budget but the caller's spent: exact with one thread allocating, and above the true
+/// peak by at most the other threads' budgets (each at most twice `thread_cache`) otherwise.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Peaks {
+    pub(crate) peak: Amount,
+    pub(crate) headroom: Amount,
+}
+
+impl Peaks {
+    /// An allocation of `a` under the lock, spending `budget` (the caller's) first.
+    #[inline]
+    pub(crate) fn charge(&mut self, budget: Option<&mut Amount>, a: Amount) {
+        let rest = match budget {
+            Some(b) => b.take(a),
+            None => a,
+        };
+        let rest = self.headroom.take(rest);
+        self.peak.add(rest);
+    }
+
+    /// A free of `a` under the lock.
+    #[inline]
+    pub(crate) fn credit(&mut self, a: Amount) {
+        self.headroom.add(a);
+    }
+
+    /// Moves up to `want` of the headroom into `budget`.
+    pub(crate) fn grant(&mut self, budget: &mut Amount, want: Amount) {
+        let mut g = want;
+        let short = self.headroom.take(g);
+        g.bytes -= short.bytes;
+        g.requested -= short.requested;
+        g.blocks -= short.blocks;
+        budget.add(g);
+    }
+
+    /// Peaks restart at `live`; every budget must have been returned (zeroed) by the caller.
+    pub(crate) fn reset(&mut self, live: Amount) {
+        self.peak = live;
+        self.headroom = Amount::default();
     }
 }
 
@@ -92,8 +215,12 @@ pub struct Stats {
     /// The most `active_blocks` has been since the start or the last
     /// [`reset_peak_stats`](crate::Tessera::reset_peak_stats).
     pub peak_active_blocks: u64,
-    /// `reserved - allocated`.
+    /// `reserved - allocated`: free memory in the pools and in thread caches.
     pub cached_free_bytes: u64,
+    /// Free bytes held in thread caches (part of `cached_free_bytes`): served to their own
+    /// thread without the device lock, returned to the device by `empty_cache`, `trim`, the OOM
+    /// sequence and thread exit.
+    pub thread_cached_bytes: u64,
     /// The largest request that cached memory could serve without new memory: the largest free
     /// block, or all fully free pages gathered by remapping, whichever is larger.
     pub largest_free_bytes: u64,

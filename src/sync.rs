@@ -102,3 +102,146 @@ impl<T> RwLock<T> {
         self.0.write().unwrap_or_else(|e| e.into_inner())
     }
 }
+
+/// A cell whose accesses a loom model checks for data races (loom's `UnsafeCell`); outside loom,
+/// `std`'s. Callers state, at each access, why no other thread accesses it at the same time.
+#[derive(Debug, Default)]
+pub(crate) struct RaceCell<T>(
+    #[cfg(not(loom))] std::cell::UnsafeCell<T>,
+    #[cfg(loom)] loom::cell::UnsafeCell<T>,
+);
+
+impl<T> RaceCell<T> {
+    pub(crate) fn new(value: T) -> Self {
+        #[cfg(not(loom))]
+        return RaceCell(std::cell::UnsafeCell::new(value));
+        #[cfg(loom)]
+        return RaceCell(loom::cell::UnsafeCell::new(value));
+    }
+
+    /// Runs `f` on the value.
+    ///
+    /// # Safety
+    /// No other access to the value may run at the same time.
+    #[inline]
+    pub(crate) unsafe fn with_mut<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        #[cfg(not(loom))]
+        // SAFETY: the caller excludes every other access for the duration of `f`.
+        return f(unsafe { &mut *self.0.get() });
+        #[cfg(loom)]
+        // SAFETY: as above; loom checks it.
+        return self.0.with_mut(|p| f(unsafe { &mut *p }));
+    }
+}
+
+/// The two sides of an asymmetric store–load barrier (Dekker's handshake between a thread cache's
+/// owner and a drainer, `device/tcache.rs`). The owner's side, [`light_barrier`], runs on every
+/// cache hit; the drainer's, [`heavy_barrier`], only when it takes a cache from its owner. Where
+/// Linux's `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` is available (registered once, at the
+/// first thread cache), the light side is a compiler fence and the heavy side the system call,
+/// which runs a full barrier on every CPU running a thread of this process; elsewhere both are
+/// `fence(SeqCst)`. The mode is chosen once, before any cache exists, and never changes. Under
+/// loom both are `fence(SeqCst)`, which loom models.
+#[cfg(not(loom))]
+pub(crate) mod barrier {
+    use std::sync::atomic::{compiler_fence, fence, AtomicBool, Ordering};
+    use std::sync::Once;
+
+    static ASYMMETRIC: AtomicBool = AtomicBool::new(false);
+    static CHOSEN: Once = Once::new();
+
+    const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_long = 1 << 3;
+    const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_long = 1 << 4;
+
+    fn membarrier(cmd: libc::c_long) -> bool {
+        // SAFETY: membarrier takes two integer arguments and touches no memory of ours.
+        unsafe {
+            libc::syscall(
+                libc::SYS_membarrier,
+                cmd,
+                0 as libc::c_long,
+                0 as libc::c_long,
+            ) == 0
+        }
+    }
+
+    /// Chooses the mode, once (before the first thread cache is made).
+    pub(crate) fn choose() {
+        CHOSEN.call_once(|| {
+            let off = std::env::var_os("TESSERA_NO_MEMBARRIER").is_some();
+            let ok = !off && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED);
+            ASYMMETRIC.store(ok, Ordering::SeqCst);
+        });
+    }
+
+    /// The owner's side: orders its store of "busy" before its load of "drain requested".
+    #[inline(always)]
+    pub(crate) fn light_barrier() {
+        if ASYMMETRIC.load(Ordering::Relaxed) {
+            compiler_fence(Ordering::SeqCst);
+        } else {
+            fence(Ordering::SeqCst);
+        }
+    }
+
+    /// The drainer's side: orders its store of "drain requested" before its load of "busy", on
+    /// every thread's behalf.
+    #[cold]
+    pub(crate) fn heavy_barrier() {
+        fence(Ordering::SeqCst);
+        if ASYMMETRIC.load(Ordering::Relaxed) && !membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) {
+            // Registered, so the kernel cannot refuse; if it ever does, no ordering can be
+            // promised to the owners' compiler fences: stop rather than hand a block out twice.
+            eprintln!("tessera: membarrier failed after registration; aborting");
+            std::process::abort();
+        }
+    }
+}
+
+#[cfg(loom)]
+pub(crate) mod barrier {
+    use loom::sync::atomic::{fence, Ordering};
+    pub(crate) fn choose() {}
+    pub(crate) fn light_barrier() {
+        fence(Ordering::SeqCst);
+    }
+    pub(crate) fn heavy_barrier() {
+        fence(Ordering::SeqCst);
+    }
+}
+
+/// One step of a spin wait (`spins` counts from 1): a CPU hint at first, then yields, so that a
+/// waiter never starves the thread it waits for. Under loom, always a yield (loom needs one).
+#[inline]
+pub(crate) fn spin_wait(spins: u32) {
+    #[cfg(not(loom))]
+    {
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+    #[cfg(loom)]
+    {
+        let _ = spins;
+        loom::thread::yield_now();
+    }
+}
+
+/// A serial number for the calling model thread (loom: `std`'s thread-locals are shared by all
+/// model threads).
+#[cfg(loom)]
+pub(crate) fn current_thread_serial() -> u64 {
+    use std::cell::Cell;
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    loom::thread_local! {
+        static SERIAL: Cell<u64> = Cell::new(0);
+    }
+    SERIAL.with(|s| {
+        if s.get() == 0 {
+            s.set(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        }
+        s.get()
+    })
+}

@@ -151,7 +151,7 @@ fn conf_arbitrary_strings_parse_or_fail_cleanly() {
         any::<String>(),
         "[a-z_:,. 0-9A-Za-z=;\\-\t]{0,60}",
         // Grammar soup: key-like words, separators, numbers and units in any order.
-        "(( )?(backend|page_size|limit|memory_fraction|small_max|size_classes|placement|check_invariants|\
+        "(( )?(backend|page_size|limit|memory_fraction|small_max|size_classes|placement|thread_cache|check_invariants|\
          [a-z_]{1,10})( )?[:=]?( )?(-?[0-9.]{0,8}(B|KiB|MiB|GiB|TiB|kb|m|XB|)|vmm|legacy|true|\
          false|lifetime|best_fit|NaN|inf)( )?,?){0,6}",
     ];
@@ -308,6 +308,7 @@ fn valid_config() -> impl Strategy<Value = Config> {
                 } else {
                     Placement::BestFit
                 },
+                thread_cache: small_max.wrapping_mul(3),
                 check_invariants: check,
             },
         )

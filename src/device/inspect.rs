@@ -13,6 +13,7 @@ use crate::pool::{PoolTag, ORDINARY};
 use crate::stats::{
     BlockInfo, BlockStateInfo, PrivatePoolStats, SegmentInfo, SegmentKind, Snapshot, Stats,
 };
+use rustc_hash::FxHashMap as HashMap;
 use std::collections::HashSet;
 
 impl DeviceState {
@@ -55,9 +56,19 @@ impl DeviceState {
         }
     }
 
-    /// (largest free range, stranded bytes).
+    /// (largest free range, stranded bytes). A block free in a thread cache counts as free: the
+    /// OOM sequence drains the caches before it gathers pages.
     fn free_space(&self) -> (u64, u64) {
         let ps = self.page_size;
+        let cached = self.thread_cached_blocks();
+        let mut cached_small: HashMap<DevicePtr, u64> = HashMap::default();
+        for &p in &cached {
+            if let (Some((_, size, ..)), Some((g, _))) =
+                (self.small.slot_of(p), self.small.granule_of(p))
+            {
+                *cached_small.entry(g).or_default() += size;
+            }
+        }
         // Pages (VMM) or segments (legacy) touched by a block that is not free.
         let mut live_pages: HashSet<DevicePtr> = HashSet::new();
         let unit = |a: DevicePtr| -> DevicePtr {
@@ -72,7 +83,7 @@ impl DeviceState {
             }
         };
         for (&a, b) in &self.large.blocks {
-            if b.state != BlockState::Free {
+            if b.state != BlockState::Free && !cached.contains(&a) {
                 let mut p = unit(a);
                 live_pages.insert(p);
                 if self.backend == Backend::Vmm {
@@ -86,7 +97,16 @@ impl DeviceState {
         let mut largest = 0;
         let mut stranded = 0;
         let mut free_pages = self.pages.pool.len() as u64;
-        for (a, b) in self.large.free_blocks() {
+        let cached_large = self
+            .large
+            .blocks
+            .iter()
+            .filter(|(a, _)| cached.contains(*a));
+        for (a, b) in self
+            .large
+            .free_blocks()
+            .chain(cached_large.map(|(&a, b)| (a, b)))
+        {
             largest = largest.max(b.size);
             match self.backend {
                 Backend::Vmm => {
@@ -109,8 +129,9 @@ impl DeviceState {
             }
         }
         for g in self.small.granules() {
-            if g.live_bytes > 0 {
-                stranded += ps - g.live_bytes;
+            let live = g.live_bytes - cached_small.get(&g.base).copied().unwrap_or(0);
+            if live > 0 {
+                stranded += ps - live;
             } else if self.backend == Backend::Vmm {
                 free_pages += 1;
             }
@@ -124,28 +145,32 @@ impl DeviceState {
     /// The device's statistics now.
     pub(crate) fn stats(&self) -> Stats {
         let c = &self.c;
+        let live = self.user_live();
+        let [thread_cached, hit_allocs, hit_frees, hit_alloc_bytes, _] = self.cache_totals();
+        let peak = self.peaks.peak;
         let reserved = self.reserved();
         let (largest, stranded) = self.free_space();
         let segments = self.large_segments().len() + self.small.granule_count();
         let limit = self.limit_bytes();
         Stats {
-            allocated_bytes: c.allocated,
-            peak_allocated_bytes: c.peak_allocated,
-            requested_bytes: c.requested,
-            peak_requested_bytes: c.peak_requested,
+            allocated_bytes: live.bytes,
+            peak_allocated_bytes: peak.bytes.max(live.bytes),
+            requested_bytes: live.requested,
+            peak_requested_bytes: peak.requested.max(live.requested),
             reserved_bytes: reserved,
             peak_reserved_bytes: c.peak_reserved.max(reserved),
-            active_blocks: c.active,
-            peak_active_blocks: c.peak_active,
-            cached_free_bytes: reserved.saturating_sub(c.allocated),
+            active_blocks: live.blocks,
+            peak_active_blocks: peak.blocks.max(live.blocks),
+            cached_free_bytes: reserved.saturating_sub(live.bytes),
+            thread_cached_bytes: thread_cached,
             largest_free_bytes: largest,
             stranded_bytes: stranded,
             segments: segments as u64,
             mapped_pages: self.pages.mapped_pages(),
             pool_pages: self.pages.pool.len() as u64,
-            allocations: c.allocations,
-            frees: c.frees,
-            allocated_bytes_total: c.allocated + c.freed_bytes,
+            allocations: c.allocations + hit_allocs,
+            frees: c.frees + hit_frees,
+            allocated_bytes_total: c.alloc_bytes + hit_alloc_bytes,
             remaps: c.remaps,
             cache_releases: c.cache_releases,
             released_bytes: c.released_bytes,
@@ -213,12 +238,8 @@ impl DeviceState {
 
     /// Peaks restart from the current values.
     pub(crate) fn reset_peak_stats(&mut self) {
-        let reserved = self.reserved();
-        let c = &mut self.c;
-        c.peak_allocated = c.allocated;
-        c.peak_requested = c.requested;
-        c.peak_active = c.active;
-        c.peak_reserved = reserved;
+        self.reset_peaks();
+        self.c.peak_reserved = self.reserved();
     }
 
     /// Every segment and block.
@@ -304,6 +325,7 @@ impl DeviceState {
         self.large.check_invariants()?;
         self.small.check_invariants()?;
         self.graphs.check_invariants()?;
+        self.check_threads()?;
         let ps = self.page_size;
 
         // Private memory belongs to a pool with uses (at zero uses it was retagged ordinary).

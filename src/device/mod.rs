@@ -30,6 +30,8 @@ mod graphs;
 mod grow;
 mod inspect;
 mod oom;
+pub(crate) mod tcache;
+mod threads;
 
 use crate::config::{Backend, Config, Placement};
 use crate::driver::{DevicePtr, Driver, DriverError, Stream};
@@ -39,7 +41,7 @@ use crate::pool::large::{BlockPool, BlockState, Lookup, ROUND};
 use crate::pool::lifetimes::{Lifetimes, Stamp};
 use crate::pool::small::{SmallFree, SmallPool};
 use crate::pool::Owner;
-use crate::stats::Counters;
+use crate::stats::{Counters, Peaks};
 use crate::sync::{Arc, AtomicUsize, Mutex};
 use crate::{AddressMap, Hooks};
 use fences::Fences;
@@ -47,6 +49,7 @@ use graphs::Graphs;
 pub use graphs::{CaptureFilter, MempoolId};
 use rustc_hash::FxHashMap as HashMap;
 use std::collections::BTreeMap;
+pub(crate) use threads::Threads;
 
 /// Largest request accepted at all: larger sizes are bad input, not an OOM.
 pub(crate) const MAX_REQUEST: u64 = 1 << 56;
@@ -86,6 +89,10 @@ pub(crate) struct DeviceState {
     /// Streams recorded on live allocations (`record_stream`), besides their own.
     pub(crate) recorded: HashMap<DevicePtr, Vec<Stream>>,
     pub(crate) c: Counters,
+    /// The user's peaks, and the headroom below them (`stats::Peaks`).
+    pub(crate) peaks: Peaks,
+    /// The thread caches and the blocks they hold (`tcache.rs`, `threads.rs`).
+    pub(crate) threads: Threads,
     /// Private pools and the routes to them (CUDA graphs, `graphs.rs`).
     pub(crate) graphs: Graphs,
     /// Where large blocks go, and the lifetimes that guide it (`pool/lifetimes.rs`).
@@ -99,8 +106,20 @@ pub(crate) struct DeviceState {
 #[derive(Debug)]
 pub(crate) struct DeviceAllocator {
     pub(crate) dev: usize,
-    pub(crate) state: Mutex<DeviceState>,
+    /// The device lock. Shared with the threads' TLS, whose exit gives their caches back.
+    pub(crate) state: Arc<Mutex<DeviceState>>,
     pub(crate) hooks: Arc<Hooks>,
+    /// Names this allocator in threads' TLS (never reused).
+    pub(crate) uid: u64,
+    /// Free bytes a thread cache may hold (0: none) and the largest block it caches.
+    pub(crate) tc_bound: u64,
+    pub(crate) tc_max_block: u64,
+    /// The small pool's classes, read without the lock to find a request's bin.
+    pub(crate) classes: crate::pool::small::SizeClasses,
+    pub(crate) small_max: u64,
+    /// Non-zero while any device of this allocator routes to a private pool: no cache hits then.
+    pub(crate) captures: Arc<AtomicUsize>,
+    pub(crate) check: bool,
 }
 
 /// Rounds a request to the allocation granularity, or says why it cannot be served.
@@ -150,6 +169,10 @@ impl DeviceAllocator {
         }
         let capacity = drv.mem_info(dev)?.total;
         let small = SmallPool::new(page_size, config.small_max, config.classes_per_doubling);
+        let classes = small.classes.clone();
+        let small_max = small.classes.max_size();
+        let tc_bound = config.thread_cache;
+        let uid = threads::next_uid();
         let state = DeviceState {
             dev,
             backend,
@@ -168,7 +191,9 @@ impl DeviceAllocator {
             pending: HashMap::default(),
             recorded: HashMap::default(),
             c: Counters::default(),
-            graphs: Graphs::new(captures),
+            peaks: Peaks::default(),
+            threads: Threads::default(),
+            graphs: Graphs::new(Arc::clone(&captures)),
             placement: config.placement,
             lifetimes: Lifetimes::default(),
             address_map,
@@ -177,31 +202,62 @@ impl DeviceAllocator {
         };
         Ok(DeviceAllocator {
             dev,
-            state: Mutex::new(state),
+            state: Arc::new(Mutex::new(state)),
             hooks,
+            uid,
+            tc_bound,
+            tc_max_block: tc_bound / 4,
+            classes,
+            small_max,
+            captures,
+            check: config.check_invariants,
         })
     }
 
-    /// Allocates `size` bytes for use on `stream`.
+    /// The size a request of `rounded` bytes takes: its size class, or itself when large.
+    #[inline]
+    pub(crate) fn bin_size(&self, rounded: u64) -> u64 {
+        if rounded <= self.small_max {
+            self.classes.sizes[self.classes.class_of(rounded)]
+        } else {
+            rounded
+        }
+    }
+
+    /// Allocates `size` bytes for use on `stream`: a hit in this thread's cache, with no lock,
+    /// or the slow path under the device lock.
     #[inline]
     pub(crate) fn allocate(&self, size: u64, stream: Stream) -> Result<DevicePtr> {
         let rounded = round_request(size)?;
-        let mut st = self.state.lock();
-        let owner = st.owner_for(stream);
-        if let Some(ptr) = st.try_cached(rounded, size, owner) {
-            st.checked();
-            return Ok(ptr);
+        let tc = self.my_cache();
+        if let Some(tc) = tc {
+            let bin = self.bin_size(rounded);
+            if bin <= self.tc_max_block {
+                if let Some(p) = tc.try_alloc(stream, bin, size, &self.captures) {
+                    if self.check {
+                        self.check_after_hit();
+                    }
+                    return Ok(p);
+                }
+            }
         }
-        self.allocate_or_oom(st, rounded, size, owner)
+        self.allocate_slow(tc, rounded, size, stream)
     }
 
-    /// Frees `ptr`, returning the bytes it held.
+    /// Frees `ptr`, returning the bytes it held: into this thread's cache with no lock when the
+    /// block was handed out from it, else under the device lock.
     #[inline]
     pub(crate) fn free(&self, ptr: DevicePtr) -> Result<u64> {
-        let mut st = self.state.lock();
-        let r = st.free(ptr);
-        st.checked();
-        r
+        let tc = self.my_cache();
+        if let Some(tc) = tc {
+            if let Some(size) = tc.try_free(ptr) {
+                if self.check {
+                    self.check_after_hit();
+                }
+                return Ok(size);
+            }
+        }
+        self.free_slow(tc, ptr)
     }
 }
 
@@ -280,9 +336,17 @@ impl DeviceState {
         at
     }
 
-    /// Frees `ptr`: at once, or parked until recorded streams finish.
+    /// Frees `ptr`, a user's free: at once, or parked until recorded streams finish. Returns
+    /// (size, requested).
     #[inline]
-    pub(crate) fn free(&mut self, ptr: DevicePtr) -> Result<u64> {
+    pub(crate) fn free(&mut self, ptr: DevicePtr) -> Result<(u64, u64)> {
+        self.release(ptr, true)
+    }
+
+    /// Returns `ptr` to the pools: a user's free (`user`, counted as one) or a thread cache's
+    /// block coming back. Returns (size, requested).
+    #[inline]
+    pub(crate) fn release(&mut self, ptr: DevicePtr, user: bool) -> Result<(u64, u64)> {
         let seq = self.seq + 1;
         let recorded = if self.recorded.is_empty() {
             None
@@ -300,8 +364,8 @@ impl DeviceState {
             match self.small.free(ptr, seq) {
                 SmallFree::Freed { size, requested } => {
                     self.seq = seq;
-                    self.c.note_free(size, requested);
-                    return Ok(size);
+                    self.note_release(size, requested, user);
+                    return Ok((size, requested));
                 }
                 SmallFree::NotSmall => {}
                 _ => return Err(self.small_free_error(ptr)),
@@ -312,9 +376,9 @@ impl DeviceState {
                 return Err(self.small_free_error(ptr));
             };
             self.seq = seq;
-            self.c.note_free(size, req);
+            self.note_release(size, req, user);
             self.park(ptr, true, recorded.unwrap_or_default(), seq);
-            return Ok(size);
+            return Ok((size, req));
         }
         if let Some((size, req, stamp)) = self.large.release(ptr, seq, recorded.is_some()) {
             self.lifetimes.observe(stamp);
@@ -322,8 +386,8 @@ impl DeviceState {
                 self.park(ptr, false, streams, seq);
             }
             self.seq = seq;
-            self.c.note_free(size, req);
-            return Ok(size);
+            self.note_release(size, req, user);
+            return Ok((size, req));
         }
         // Not the start of an allocated large block (`release` frees every one it finds): say what
         // it is. (A recorded pointer is always live, so `recorded` is `None` here.)
@@ -349,6 +413,14 @@ impl DeviceState {
                 device: Some(self.dev),
                 interior_of: None,
             })),
+        }
+    }
+
+    #[inline]
+    fn note_release(&mut self, size: u64, requested: u64, user: bool) {
+        self.c.note_pool_free(size, requested);
+        if user {
+            self.c.note_user_free(size);
         }
     }
 
@@ -498,8 +570,11 @@ impl DeviceState {
 impl Drop for DeviceAllocator {
     fn drop(&mut self) {
         // Everything goes back to the driver; errors are ignored (this may run at process exit,
-        // after the driver has shut down). Never panics.
-        self.state.lock().teardown();
+        // after the driver has shut down). Never panics. Threads that still have a cache of this
+        // device find it torn down at their exit and give nothing back.
+        let mut st = self.state.lock();
+        st.threads.torn_down = true;
+        st.teardown();
     }
 }
 

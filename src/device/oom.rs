@@ -2,13 +2,15 @@
 //!
 //! One function, read top to bottom; the lock is released in exactly one place, around the hooks,
 //! and every step says so (contrast a chain of `||`-joined retries whose helpers drop the lock).
-//! 1. Reuse or remap cached pages (the slow path of `grow.rs`): first without waiting, then after
-//!    waiting for the streams that hold freed memory back.
+//! 1. Reuse or remap cached pages (the slow path of `grow.rs`): first without waiting; then, the
+//!    memory being short, every thread cache's free blocks return to the pools (`threads.rs`)
+//!    and it tries again; then after waiting for the streams that hold freed memory back.
 //! 2. Release the cache to the driver (others on the GPU may need it, and legacy segments can only
 //!    be rebuilt larger after a free) and retry.
 //! 3. Drop the lock; call the eviction hooks in order with (device, requested bytes). A hook may
 //!    free or allocate through the normal path; an allocation inside a hook never calls the hooks
-//!    again (a thread-local flag). Take the lock again.
+//!    again (a thread-local flag). Take the lock again, and drain the thread caches again (what
+//!    the hooks freed may sit in them).
 //! 4. Compact (wait for streams, settle parked frees, retire idle small runs) and retry; if that
 //!    fails, release the cache once more and retry. What the hooks freed or the wait settled may
 //!    sit in pieces this request cannot take as they are (a legacy segment too small, a page
@@ -65,7 +67,7 @@ impl DeviceAllocator {
         rounded: u64,
         requested: u64,
         mut owner: Owner,
-    ) -> Result<DevicePtr> {
+    ) -> Result<(DevicePtr, MutexGuard<'a, DeviceState>)> {
         // Memory already reserved can serve a request even above a lowered limit.
         let possible =
             |st: &DeviceState| rounded <= st.limit_bytes().max(st.reserved()).min(st.capacity);
@@ -80,21 +82,29 @@ impl DeviceAllocator {
             // 1. Cached and new pages, stealing fully free ones (not during a capture); no
             //    waiting.
             if let Some(p) = attempt(&mut st, rounded, requested, owner, false, &mut refused)? {
-                return Ok(p);
+                return Ok((p, st));
             }
             if st.capturing() {
                 held_by_capture = true;
             } else {
+                // ... and again with every thread's cached free blocks back in the pools.
+                if st.drain_caches() > 0 {
+                    if let Some(p) =
+                        attempt(&mut st, rounded, requested, owner, false, &mut refused)?
+                    {
+                        return Ok((p, st));
+                    }
+                }
                 // ... and again after waiting for the streams that hold freed memory back.
                 if let Some(p) = attempt(&mut st, rounded, requested, owner, true, &mut refused)? {
-                    return Ok(p);
+                    return Ok((p, st));
                 }
                 // 2. Release the cache to the driver, retry.
                 st.release_cache()?;
                 st.c.alloc_retries += 1;
                 retried = true;
                 if let Some(p) = attempt(&mut st, rounded, requested, owner, true, &mut refused)? {
-                    return Ok(p);
+                    return Ok((p, st));
                 }
             }
         }
@@ -104,7 +114,7 @@ impl DeviceAllocator {
         if !in_hook {
             let hooks = self.hooks.snapshot();
             if !hooks.is_empty() {
-                let freed_before = st.c.freed_bytes;
+                let freed_before = st.user_freed_bytes();
                 drop(st);
                 {
                     let _scope = HookScope::enter();
@@ -116,7 +126,8 @@ impl DeviceAllocator {
                 // Routes may have opened or closed while the lock was dropped.
                 owner = st.owner_for(owner.stream);
                 st.c.hook_calls += u64::from(hooks_called);
-                hooks_freed = st.c.freed_bytes.saturating_sub(freed_before);
+                hooks_freed = st.user_freed_bytes().saturating_sub(freed_before);
+                st.drain_caches();
             }
         }
         // 4. Compact and retry (asking again: a hook may have raised the limit). During a capture
@@ -124,12 +135,12 @@ impl DeviceAllocator {
         if possible(&st) && st.capturing() {
             held_by_capture = true;
             if let Some(p) = attempt(&mut st, rounded, requested, owner, false, &mut refused)? {
-                return Ok(p);
+                return Ok((p, st));
             }
         } else if possible(&st) {
             st.compact()?;
             if let Some(p) = attempt(&mut st, rounded, requested, owner, true, &mut refused)? {
-                return Ok(p);
+                return Ok((p, st));
             }
             // (Even when it gives nothing back: releasing first merges the free neighbours of
             // finished streams, which may make a block that fits.) A failure to release ends
@@ -142,7 +153,7 @@ impl DeviceAllocator {
                     if let Some(p) =
                         attempt(&mut st, rounded, requested, owner, true, &mut refused)?
                     {
-                        return Ok(p);
+                        return Ok((p, st));
                     }
                 }
                 Err(e) => st.c.note_driver_error(&e),

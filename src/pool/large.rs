@@ -192,6 +192,14 @@ impl BlockPool {
         self.blocks.get(&addr)
     }
 
+    /// Sets the requested size of the allocated block at `addr` (a thread cache handed it out
+    /// again for another request). Returns the old one, or `None` (nothing changed) if there is no
+    /// allocated block there.
+    pub(crate) fn set_requested(&mut self, addr: DevicePtr, requested: u64) -> Option<u64> {
+        let b = self.blocks.get_mut(&addr)?;
+        (b.state == BlockState::Allocated).then(|| std::mem::replace(&mut b.requested, requested))
+    }
+
     pub(crate) fn lookup(&self, ptr: DevicePtr) -> Lookup<'_> {
         match self.blocks.range(..=ptr).next_back() {
             Some((&a, b)) if a == ptr => Lookup::Start(b),

@@ -477,7 +477,7 @@ impl SmallPool {
 
     /// The granule holding `ptr`: (base, id).
     #[inline]
-    fn granule_of(&self, ptr: DevicePtr) -> Option<(DevicePtr, u32)> {
+    pub(crate) fn granule_of(&self, ptr: DevicePtr) -> Option<(DevicePtr, u32)> {
         self.by_addr.find(ptr)
     }
 
@@ -507,6 +507,21 @@ impl SmallPool {
         let slot = (ptr - run.base) / size;
         let req = *run.requested.get(slot as usize)?;
         (req != 0).then_some((run.base + slot * size, size, req, run.owner))
+    }
+
+    /// Sets the requested size of the allocated slot starting at `ptr` (a thread cache handed it
+    /// out again for another request). Returns the old one, or `None` (nothing changed) if `ptr`
+    /// is not an allocated slot's start.
+    pub(crate) fn set_requested(&mut self, ptr: DevicePtr, requested: u64) -> Option<u64> {
+        debug_assert!(requested != 0, "0 marks a free slot");
+        let (_, run_id) = self.locate(ptr)?;
+        let run = self.runs[run_id as usize].as_mut().expect("live run");
+        let size = self.classes.sizes[run.class as usize];
+        if (ptr - run.base) % size != 0 {
+            return None;
+        }
+        let r = run.requested.get_mut(((ptr - run.base) / size) as usize)?;
+        (*r != 0).then(|| std::mem::replace(r, requested))
     }
 
     /// Frees the slot at `ptr`, at device free sequence `seq`.
