@@ -628,9 +628,11 @@ impl Local {
         Ok(())
     }
 
-    /// Every held block: (pointer, slot), live or cached.
-    pub(crate) fn held_blocks(&self) -> Vec<(DevicePtr, u32)> {
+    /// Every block the device counts as held by this cache: (pointer, slot), live or cached
+    /// (not the revoked ones it has yet to forget).
+    pub(crate) fn held_blocks(&self, tc: &ThreadCache) -> Vec<(DevicePtr, u32)> {
         let mut v = self.live_blocks();
+        v.retain(|&(_, s)| tc.slots[s as usize].state() != REVOKED);
         for bin in &self.bins {
             v.extend(bin.slots.iter().map(|&s| (self.entries[s as usize].0, s)));
         }

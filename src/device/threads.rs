@@ -684,7 +684,7 @@ impl DeviceState {
             let one = unsafe {
                 tc.with_local(|l, tc| {
                     budgets.add(l.budget);
-                    for (p, s) in l.held_blocks() {
+                    for (p, s) in l.held_blocks(tc) {
                         if self.threads.held.get(&p) != Some(&(tc.index, s)) {
                             return Err(format!("cached/live block {p:#x} is not in `held`"));
                         }
@@ -752,7 +752,7 @@ impl DeviceState {
             let r = unsafe {
                 c.with_local(|l, tc| {
                     budgets.add(l.budget);
-                    let held = l.held_blocks();
+                    let held = l.held_blocks(tc);
                     let n = held.len();
                     for (p, s) in held {
                         if self.threads.held.get(&p) != Some(&(tc.index, s)) {
