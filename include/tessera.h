@@ -205,6 +205,12 @@ typedef struct tessera_stats {
   uint64_t private_pools;
   uint64_t private_pool_held_bytes;
   uint64_t private_pool_allocated_bytes;
+  /**
+   * Free bytes held in thread caches (part of `cached_free_bytes`): served to their own
+   * thread without the device lock; `tessera_empty_cache`, the OOM sequence and thread exit
+   * return them.
+   */
+  uint64_t thread_cached_bytes;
 } tessera_stats;
 
 /**

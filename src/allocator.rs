@@ -329,6 +329,17 @@ impl Tessera {
         Ok(r?)
     }
 
+    /// Gives the calling thread's caches of every used device back (their free blocks to the
+    /// pools; their live blocks become ordinary allocations), as the thread's exit does. For a
+    /// thread that is done allocating but lives on (a pool's worker, say).
+    pub fn flush_thread_cache(&self) {
+        for cell in &self.devices {
+            if let Some(d) = cell.get() {
+                d.flush_thread_cache();
+            }
+        }
+    }
+
     /// Sets (or clears) a byte limit on the memory `device` may reserve.
     pub fn set_limit(&self, device: usize, limit: Option<u64>) -> Result<()> {
         self.device(device)?.state.lock().limit = limit;

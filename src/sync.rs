@@ -229,19 +229,12 @@ pub(crate) fn spin_wait(spins: u32) {
     }
 }
 
-/// A serial number for the calling model thread (loom: `std`'s thread-locals are shared by all
-/// model threads).
+/// A number naming the calling model thread within its execution (loom's thread id; `std`'s
+/// thread-locals are shared by all model threads).
 #[cfg(loom)]
 pub(crate) fn current_thread_serial() -> u64 {
-    use std::cell::Cell;
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    loom::thread_local! {
-        static SERIAL: Cell<u64> = Cell::new(0);
-    }
-    SERIAL.with(|s| {
-        if s.get() == 0 {
-            s.set(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        }
-        s.get()
-    })
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    loom::thread::current().id().hash(&mut h);
+    h.finish() | 1
 }

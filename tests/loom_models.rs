@@ -92,11 +92,19 @@ fn model(name: &str, preemptions: usize, f: impl Fn() + Sync + Send + 'static) {
     );
 }
 
-/// An allocator over a fresh simulated machine, invariants checked after every mutation.
+/// An allocator over a fresh simulated machine, invariants checked after every mutation. Thread
+/// caches off: these models are about the device lock, the hooks and the registry (a cache's
+/// dozen atomics per hit multiply their interleavings past any time budget); the
+/// `thread_cache_*` models below turn them on.
 fn allocator(sim: SimConfig) -> Arc<Tessera> {
+    allocator_with(sim, 0)
+}
+
+fn allocator_with(sim: SimConfig, thread_cache: u64) -> Arc<Tessera> {
     let drv: std::sync::Arc<dyn Driver> = std::sync::Arc::new(SimDriver::new(sim));
     let config = Config {
         check_invariants: true,
+        thread_cache,
         ..Config::default()
     };
     // Untraced: a `TESSERA_TRACE` in the environment must not write a file per interleaving.
@@ -575,4 +583,122 @@ fn remove_hook_waits_for_running_call() {
         RACED.load(Ordering::Relaxed) > 0,
         "no interleaving had the hook running when its removal began"
     );
+}
+
+/// One device of `capacity` bytes with thread caches (the default bound).
+fn one_device_cached(capacity: u64) -> Arc<Tessera> {
+    allocator_with(
+        SimConfig {
+            capacity,
+            ..SimConfig::default()
+        },
+        Config::default().thread_cache,
+    )
+}
+
+/// A thread cache's hit races its seizure: one thread warms its cache (a free into it) and then
+/// serves from it without the lock, while another empties the cache, which seizes every thread
+/// cache (the handshake of `src/device/tcache.rs`) and returns its free blocks. loom checks the
+/// cache's owner-side state as a cell: a hit and a seizure touching it at once is reported as a
+/// data race. The hit must hand out a block nobody else has (the pattern holds), and both orders
+/// must occur: the seizure taking the cached block, and the hit taking it first.
+#[test]
+fn thread_cache_drain_races_a_hit() {
+    static TOOK: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+    model("thread_cache_drain_races_a_hit", 3, || {
+        let t = one_device_cached(8 * MIB);
+        t.stats(0).unwrap();
+        let owner = {
+            let t = t.clone();
+            thread::spawn(move || {
+                let p = t.allocate(0, 4 * KIB, S).unwrap();
+                t.free(0, p).unwrap(); // cached
+                let q = t.allocate(0, 4 * KIB, S).unwrap(); // a hit, or the slow path
+                fill(q, 4 * KIB, 3);
+                check(q, 4 * KIB, 3);
+                t.free(0, q).unwrap();
+            })
+        };
+        let drainer = {
+            let t = t.clone();
+            thread::spawn(move || {
+                let released = t.empty_cache(0).unwrap();
+                TOOK[usize::from(released > 0)].fetch_add(1, Ordering::Relaxed);
+            })
+        };
+        owner.join().unwrap();
+        drainer.join().unwrap();
+        assert_eq!(t.stats(0).unwrap().allocations, 2);
+        assert_all_returned(&t, 1);
+    });
+    assert!(
+        TOOK.iter().all(|n| n.load(Ordering::Relaxed) > 0),
+        "the seizure must run both with and without a block to take: {TOOK:?}"
+    );
+}
+
+/// A block handed out from one thread's cache is freed by another thread (PyTorch's autograd
+/// thread freeing what the forward pass allocated) while its owner keeps serving hits: the free
+/// revokes the owner's slot and returns the block to the pools at once; the owner forgets the
+/// slot at its next slow step. Patterns hold, the stats balance, nothing leaks.
+#[test]
+fn thread_cache_remote_free() {
+    model("thread_cache_remote_free", 3, || {
+        let t = one_device_cached(8 * MIB);
+        let p = t.allocate(0, 4 * KIB, S).unwrap();
+        t.free(0, p).unwrap();
+        let p = t.allocate(0, 4 * KIB, S).unwrap(); // held by this thread's cache, live
+        fill(p, 4 * KIB, 5);
+        let remote = {
+            let t = t.clone();
+            thread::spawn(move || {
+                check(p, 4 * KIB, 5);
+                t.free(0, p).unwrap();
+            })
+        };
+        round_trip(&t, 4 * KIB, 6);
+        remote.join().unwrap();
+        round_trip(&t, 4 * KIB, 7);
+        let st = t.stats(0).unwrap();
+        assert_eq!((st.allocations, st.frees), (4, 4), "{st:?}");
+        assert_all_returned(&t, 1);
+    });
+}
+
+/// A thread exits (its TLS destructor gives its cache back under the device lock; here, the same
+/// code through `flush_thread_cache`, as loom runs TLS destructors outside the model) while another
+/// thread empties the cache (seizing every cache): neither waits for the other forever, the
+/// exiting thread's cached block goes back exactly once, and the block it leaves live stays live
+/// until freed here.
+#[test]
+fn thread_cache_exit_during_drain() {
+    model("thread_cache_exit_during_drain", 3, || {
+        let t = one_device_cached(8 * MIB);
+        t.stats(0).unwrap();
+        let exiting = {
+            let t = t.clone();
+            thread::spawn(move || {
+                let p = t.allocate(0, 4 * KIB, S).unwrap();
+                t.free(0, p).unwrap(); // cached
+                let live = t.allocate(0, 4 * KIB, S).unwrap();
+                fill(live, 4 * KIB, 9);
+                // What the thread's exit does (loom runs TLS destructors outside the model).
+                t.flush_thread_cache();
+                live
+            })
+        };
+        let drainer = {
+            let t = t.clone();
+            thread::spawn(move || {
+                t.empty_cache(0).unwrap();
+            })
+        };
+        let live = exiting.join().unwrap();
+        drainer.join().unwrap();
+        let st = t.stats(0).unwrap();
+        assert_eq!((st.active_blocks, st.thread_cached_bytes), (1, 0), "{st:?}");
+        check(live, 4 * KIB, 9);
+        t.free(0, live).unwrap();
+        assert_all_returned(&t, 1);
+    });
 }

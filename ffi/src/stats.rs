@@ -74,6 +74,10 @@ pub struct tessera_stats {
     pub private_pools: u64,
     pub private_pool_held_bytes: u64,
     pub private_pool_allocated_bytes: u64,
+    /// Free bytes held in thread caches (part of `cached_free_bytes`): served to their own
+    /// thread without the device lock; `tessera_empty_cache`, the OOM sequence and thread exit
+    /// return them.
+    pub thread_cached_bytes: u64,
 }
 
 impl tessera_stats {
@@ -111,6 +115,7 @@ impl tessera_stats {
             private_pools: s.private_pools.len() as u64,
             private_pool_held_bytes: s.private_pools.iter().map(|p| p.held_bytes).sum(),
             private_pool_allocated_bytes: s.private_pools.iter().map(|p| p.allocated_bytes).sum(),
+            thread_cached_bytes: s.thread_cached_bytes,
         }
     }
 }

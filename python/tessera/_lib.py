@@ -140,6 +140,7 @@ class Stats(ctypes.Structure):
             "private_pools",
             "private_pool_held_bytes",
             "private_pool_allocated_bytes",
+            "thread_cached_bytes",
         )
     ]
 

@@ -298,6 +298,7 @@ def memory_stats_as_nested_dict(device: Device = None) -> dict[str, Any]:
                 "stranded_bytes",
                 "largest_free_bytes",
                 "cached_free_bytes",
+                "thread_cached_bytes",
                 "remaps",
                 "page_size",
                 "invalid_frees",

@@ -74,15 +74,25 @@ struct TlsEntry {
 
 struct TlsCaches(Vec<TlsEntry>);
 
+impl TlsEntry {
+    /// Gives the cache back to its device (unless the device is gone).
+    fn retire(self) {
+        let mut st = self.state.lock();
+        if !st.threads.torn_down {
+            st.retire_cache(&self.cache);
+            st.checked();
+        }
+    }
+}
+
 impl Drop for TlsCaches {
     fn drop(&mut self) {
         let _ = MEMO.try_with(|m| m.set((0, std::ptr::null())));
+        // loom runs thread-locals' destructors after the model's execution, where no loom lock
+        // may be taken: its models give caches back with `flush_thread_cache`, as a thread exit.
+        #[cfg(not(loom))]
         for e in self.0.drain(..) {
-            let mut st = e.state.lock();
-            if !st.threads.torn_down {
-                st.retire_cache(&e.cache);
-                st.checked();
-            }
+            e.retire();
         }
     }
 }
@@ -209,6 +219,23 @@ impl DeviceAllocator {
         })?;
         // SAFETY: as in `my_cache`.
         Some(unsafe { &*p })
+    }
+
+    /// Gives this thread's cache of this device back, as the thread's exit does; the next call
+    /// makes a new one.
+    pub(crate) fn flush_thread_cache(&self) {
+        let entry = list::with(|c| {
+            let i = c.0.iter().position(|e| e.uid == self.uid)?;
+            let _ = MEMO.try_with(|m| {
+                if m.get().0 == self.uid {
+                    m.set((0, std::ptr::null()));
+                }
+            });
+            Some(c.0.swap_remove(i))
+        });
+        if let Some(Some(e)) = entry {
+            e.retire();
+        }
     }
 
     /// The slow allocation: this thread's cache under the lock, then the pools, then the OOM
@@ -478,9 +505,12 @@ impl DeviceState {
     }
 
     fn give_back(&mut self, blocks: Vec<(DevicePtr, u64)>) -> u64 {
+        // First every `held` entry, whose slots `evict` has freed already.
+        for (p, _) in &blocks {
+            self.threads.held.remove(p);
+        }
         let mut bytes = 0;
         for (p, _) in blocks {
-            self.threads.held.remove(&p);
             let (size, _) = self
                 .release(p, false)
                 .expect("a cached block is allocated in the pools");
@@ -734,7 +764,7 @@ impl DeviceState {
             };
             let st = c.slots[s as usize].state();
             if st != LIVE && st != tcache::CACHED {
-                return Err(format!("held block {p:#x} has slot {s} in state {st}"));
+                return Err(format!("held block {p:#x} has slot {s} of cache {idx} in state {st}"));
             }
             match self.allocation(p) {
                 Some((base, ..)) if base == p => {}

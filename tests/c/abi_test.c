@@ -51,7 +51,7 @@
   X(page_size)                                                                                   \
   /* added after the spec, at the end as the size protocol allows: */                            \
   X(alloc_retries) X(capture_underway) X(private_pools) X(private_pool_held_bytes)               \
-  X(private_pool_allocated_bytes)
+  X(private_pool_allocated_bytes) X(thread_cached_bytes)
 
 #define COUNT_FIELD(name) +1
 enum { STATS_NFIELDS = 0 STATS_FIELDS(COUNT_FIELD) };
