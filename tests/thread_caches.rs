@@ -24,7 +24,10 @@ fn a_hit_reuses_the_block_without_the_driver_and_the_stats_stay_exact() {
         let p = t.allocate(0, size, S).unwrap();
         t.free(0, p).unwrap();
         let s = t.stats(0).unwrap();
-        assert_eq!((s.allocated_bytes, s.active_blocks, s.requested_bytes), (0, 0, 0));
+        assert_eq!(
+            (s.allocated_bytes, s.active_blocks, s.requested_bytes),
+            (0, 0, 0)
+        );
         assert!(s.thread_cached_bytes >= size, "{size}: {s:?}");
         let calls = sim.call_counts();
         let q = t.allocate(0, size, S).unwrap();
@@ -39,14 +42,21 @@ fn a_hit_reuses_the_block_without_the_driver_and_the_stats_stay_exact() {
     let s = t.stats(0).unwrap();
     assert_eq!((s.allocations, s.frees), (8, 8));
     t.check_invariants(0).unwrap();
-    assert_eq!(t.stats(0).unwrap().thread_cached_bytes, 0, "the check drains");
+    assert_eq!(
+        t.stats(0).unwrap().thread_cached_bytes,
+        0,
+        "the check drains"
+    );
 }
 
 #[test]
 fn peaks_are_exact_through_hits_and_a_reset() {
     let (_sim, t) = sim_alloc(256 * MIB, config());
     let sizes = [MIB, 2 * MIB, 512, 4 * MIB];
-    let ps: Vec<_> = sizes.iter().map(|&s| t.allocate(0, s, S).unwrap()).collect();
+    let ps: Vec<_> = sizes
+        .iter()
+        .map(|&s| t.allocate(0, s, S).unwrap())
+        .collect();
     let top = t.stats(0).unwrap();
     for &p in &ps {
         t.free(0, p).unwrap();
@@ -97,7 +107,10 @@ fn double_frees_are_caught_on_the_same_thread_and_across_threads() {
     for size in [512, 2 * MIB] {
         let p = t.allocate(0, size, S).unwrap();
         t.free(0, p).unwrap();
-        assert!(matches!(t.free(0, p), Err(Error::DoubleFree { .. })), "{size}");
+        assert!(
+            matches!(t.free(0, p), Err(Error::DoubleFree { .. })),
+            "{size}"
+        );
         let t2 = Arc::clone(&t);
         let r = std::thread::spawn(move || t2.free(0, p)).join().unwrap();
         assert!(matches!(r, Err(Error::DoubleFree { .. })), "{size}: {r:?}");
@@ -126,7 +139,10 @@ fn a_free_from_another_thread_returns_the_memory_at_once() {
             unsafe { check_pattern(p, size, 7, 512) };
             t2.free(0, p).unwrap();
             let s = t2.stats(0).unwrap();
-            assert_eq!((s.allocated_bytes, s.active_blocks, s.requested_bytes), (0, 0, 0));
+            assert_eq!(
+                (s.allocated_bytes, s.active_blocks, s.requested_bytes),
+                (0, 0, 0)
+            );
         })
         .join()
         .unwrap();
@@ -148,9 +164,11 @@ fn record_stream_and_parked_frees_bypass_the_cache() {
         t.record_stream(p, Stream(9)).unwrap();
         t.free(0, p).unwrap();
         let snap = t.snapshot(0).unwrap();
-        let parked = snap.segments.iter().flat_map(|s| &s.blocks).any(|b| {
-            b.address == p && b.state == tessera::stats::BlockStateInfo::PendingFree
-        });
+        let parked = snap
+            .segments
+            .iter()
+            .flat_map(|s| &s.blocks)
+            .any(|b| b.address == p && b.state == tessera::stats::BlockStateInfo::PendingFree);
         assert!(parked, "{size}: the free waits for stream 9");
         assert_eq!(t.allocation(p), None);
         t.empty_cache(0).unwrap();
@@ -168,7 +186,10 @@ fn holder(t: &Arc<Tessera>, sizes: &'static [u64]) -> (Arc<Barrier>, std::thread
     let ready = Arc::new(Barrier::new(2));
     let (t, r) = (Arc::clone(t), Arc::clone(&ready));
     let h = std::thread::spawn(move || {
-        let ps: Vec<_> = sizes.iter().map(|&s| t.allocate(0, s, S).unwrap()).collect();
+        let ps: Vec<_> = sizes
+            .iter()
+            .map(|&s| t.allocate(0, s, S).unwrap())
+            .collect();
         for p in ps {
             t.free(0, p).unwrap();
         }
@@ -223,13 +244,21 @@ fn a_thread_that_exits_gives_its_cache_back() {
     assert_eq!((s.allocations, s.frees), (4, 3));
     t.free(0, live).unwrap();
     t.check_invariants(0).unwrap();
-    assert_eq!(t.empty_cache(0).unwrap(), t.stats(0).unwrap().peak_reserved_bytes);
+    assert_eq!(
+        t.empty_cache(0).unwrap(),
+        t.stats(0).unwrap().peak_reserved_bytes
+    );
 }
 
 #[test]
 fn the_bound_holds_and_zero_turns_the_caches_off() {
-    let (_sim, t) = sim_alloc(256 * MIB, Config::builder().thread_cache(MIB).build().unwrap());
-    let ps: Vec<DevicePtr> = (0..64).map(|_| t.allocate(0, 64 * KIB, S).unwrap()).collect();
+    let (_sim, t) = sim_alloc(
+        256 * MIB,
+        Config::builder().thread_cache(MIB).build().unwrap(),
+    );
+    let ps: Vec<DevicePtr> = (0..64)
+        .map(|_| t.allocate(0, 64 * KIB, S).unwrap())
+        .collect();
     for p in ps {
         t.free(0, p).unwrap();
         assert!(t.stats(0).unwrap().thread_cached_bytes <= MIB);
@@ -249,10 +278,13 @@ fn the_bound_holds_and_zero_turns_the_caches_off() {
 
 #[test]
 fn four_threads_on_one_device_with_frees_from_other_threads() {
-    let (_sim, t) = sim_alloc(512 * MIB, Config {
-        check_invariants: false,
-        ..config()
-    });
+    let (_sim, t) = sim_alloc(
+        512 * MIB,
+        Config {
+            check_invariants: false,
+            ..config()
+        },
+    );
     let t = Arc::new(t);
     // Blocks handed from one thread to another to free: (pointer, size, seed).
     let handoff = Arc::new(Mutex::new(Vec::<(DevicePtr, u64, u64)>::new()));
@@ -325,7 +357,10 @@ fn four_threads_on_one_device_with_frees_from_other_threads() {
         t.free(0, p).unwrap();
     }
     let s = t.stats(0).unwrap();
-    assert_eq!((s.allocated_bytes, s.active_blocks, s.requested_bytes), (0, 0, 0));
+    assert_eq!(
+        (s.allocated_bytes, s.active_blocks, s.requested_bytes),
+        (0, 0, 0)
+    );
     assert_eq!(s.allocations, s.frees);
     t.check_invariants(0).unwrap();
     t.empty_cache(0).unwrap();
@@ -355,7 +390,10 @@ fn a_forked_child_drains_without_waiting_for_threads_it_does_not_have() {
     let mut status = 0;
     // SAFETY: waits for our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child: {status}");
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "child: {status}"
+    );
     go.wait();
     h.join().unwrap();
     t.check_invariants(0).unwrap();

@@ -2,9 +2,10 @@
 //!
 //! One function, read top to bottom; the lock is released in exactly one place, around the hooks,
 //! and every step says so (contrast a chain of `||`-joined retries whose helpers drop the lock).
-//! 1. Reuse or remap cached pages (the slow path of `grow.rs`): first without waiting; then, the
-//!    memory being short, every thread cache's free blocks return to the pools (`threads.rs`)
-//!    and it tries again; then after waiting for the streams that hold freed memory back.
+//! 0. Every thread cache's free blocks return to the pools (`threads.rs`), and the pools are
+//!    tried again: memory a thread caches never makes the device take new pages.
+//! 1. Reuse or remap cached pages (the slow path of `grow.rs`): first without waiting, then after
+//!    waiting for the streams that hold freed memory back.
 //! 2. Release the cache to the driver (others on the GPU may need it, and legacy segments can only
 //!    be rebuilt larger after a free) and retry.
 //! 3. Drop the lock; call the eviction hooks in order with (device, requested bytes). A hook may
@@ -78,6 +79,14 @@ impl DeviceAllocator {
         let driver_errors_before = st.c.driver_errors;
         // Whether a capture kept a step from running (the report says so).
         let mut held_by_capture = false;
+        // 0. New memory is wanted: first every thread cache's free blocks go back to the pools,
+        //    where they merge and serve this request (what they hold never costs a new page).
+        if st.drain_caches() > 0 {
+            if let Some(p) = st.try_cached(rounded, requested, owner) {
+                st.checked();
+                return Ok((p, st));
+            }
+        }
         if possible(&st) {
             // 1. Cached and new pages, stealing fully free ones (not during a capture); no
             //    waiting.
@@ -87,14 +96,6 @@ impl DeviceAllocator {
             if st.capturing() {
                 held_by_capture = true;
             } else {
-                // ... and again with every thread's cached free blocks back in the pools.
-                if st.drain_caches() > 0 {
-                    if let Some(p) =
-                        attempt(&mut st, rounded, requested, owner, false, &mut refused)?
-                    {
-                        return Ok((p, st));
-                    }
-                }
                 // ... and again after waiting for the streams that hold freed memory back.
                 if let Some(p) = attempt(&mut st, rounded, requested, owner, true, &mut refused)? {
                     return Ok((p, st));

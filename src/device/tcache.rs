@@ -56,6 +56,11 @@ pub(crate) const SLOTS: usize = 2048;
 #[cfg(loom)]
 pub(crate) const SLOTS: usize = 4;
 
+/// Free blocks one bin of a large size may hold. One serves a hot pair; more would keep free
+/// large blocks from merging with their free neighbours in the pools, which costs placement
+/// (measured on the replay's traces: `docs/design-notes.md`, "Thread caches").
+pub(crate) const LARGE_PER_BIN: usize = 1;
+
 /// Refill batches of a small class: at most this many slots, and at most [`REFILL_BYTES`].
 pub(crate) const REFILL_SLOTS: u64 = 16;
 pub(crate) const REFILL_BYTES: u64 = 64 << 10;
@@ -159,6 +164,11 @@ pub(crate) struct ThreadCache {
     /// Free bytes it may hold, and the largest block it caches.
     pub(crate) bound: u64,
     pub(crate) max_block: u64,
+    /// Sizes above it are large blocks ([`LARGE_PER_BIN`]).
+    pub(crate) small_max: u64,
+    /// Large blocks are cached only in whole pages: a cached block that shares a page with
+    /// others keeps that page's free space from merging.
+    pub(crate) page_size: u64,
     /// Its thread (a serial of ours) and the fork generation it was made in.
     owner: u64,
     fork_gen: u64,
@@ -172,7 +182,7 @@ unsafe impl Sync for ThreadCache {}
 unsafe impl Send for ThreadCache {}
 
 impl ThreadCache {
-    pub(crate) fn new(index: u32, bound: u64) -> ThreadCache {
+    pub(crate) fn new(index: u32, bound: u64, small_max: u64, page_size: u64) -> ThreadCache {
         ThreadCache {
             busy: Line::default(),
             signals: Line::default(),
@@ -183,6 +193,8 @@ impl ThreadCache {
             index,
             bound,
             max_block: bound / 4,
+            small_max,
+            page_size,
             owner: fork::thread_serial(),
             fork_gen: fork::generation(),
         }
@@ -358,6 +370,8 @@ impl Local {
         let bin = self.entries[s as usize].1 as usize;
         let size = self.bins[bin].size;
         if slot.state() != LIVE
+            || (size > tc.small_max
+                && (size % tc.page_size != 0 || self.bins[bin].slots.len() >= LARGE_PER_BIN))
             || self.bytes + size > tc.bound
             || self.budget.bytes + size > 2 * tc.bound
         {
@@ -417,6 +431,16 @@ impl Local {
     fn release_slot(&mut self, tc: &ThreadCache, s: u32) {
         tc.slots[s as usize].set(UNUSED, 0);
         self.unused.push(s);
+    }
+
+    /// Whether the bin of (stream, size) may take one more free block.
+    pub(crate) fn bin_has_room(&self, tc: &ThreadCache, stream: Stream, size: u64) -> bool {
+        size <= tc.small_max
+            || (size % tc.page_size == 0
+                && self
+                    .bin_index
+                    .get(&(stream, size))
+                    .is_none_or(|&b| self.bins[b as usize].slots.len() < LARGE_PER_BIN))
     }
 
     /// Whether a free block of `size` fits without going over the bound.

@@ -204,7 +204,10 @@ impl DeviceAllocator {
                     c.0.retain(|e| !e.state.lock().threads.torn_down);
                     barrier::choose();
                     tcache::fork::watch();
-                    let cache = self.state.lock().register_cache(self.tc_bound);
+                    let cache = self
+                        .state
+                        .lock()
+                        .register_cache(self.tc_bound, self.small_max);
                     let p = Arc::as_ptr(&cache);
                     c.0.push(TlsEntry {
                         uid: self.uid,
@@ -317,10 +320,10 @@ impl DeviceAllocator {
 }
 
 impl DeviceState {
-    fn register_cache(&mut self, bound: u64) -> Arc<ThreadCache> {
+    fn register_cache(&mut self, bound: u64, small_max: u64) -> Arc<ThreadCache> {
         let t = &mut self.threads;
         let index = t.free_ids.pop().unwrap_or(t.caches.len() as u32);
-        let cache = Arc::new(ThreadCache::new(index, bound));
+        let cache = Arc::new(ThreadCache::new(index, bound, small_max, self.page_size));
         if index as usize == t.caches.len() {
             t.caches.push(Some(Arc::clone(&cache)));
         } else {
@@ -438,7 +441,12 @@ impl DeviceState {
             let mine = me.filter(|m| m.index == idx);
             if let Some(tc) = mine.filter(|_| !self.capturing()) {
                 // SAFETY: the owner, under the device lock.
-                let live = unsafe { tc.with_local(|l, _| l.live_block(ptr)) };
+                let live = unsafe {
+                    tc.with_local(|l, tc| {
+                        l.live_block(ptr)
+                            .filter(|&(_, stream, size)| l.bin_has_room(tc, stream, size))
+                    })
+                };
                 if let Some((_, _, size)) = live {
                     self.make_room(tc, size);
                     let peaks = &mut self.peaks;
@@ -477,6 +485,10 @@ impl DeviceState {
         }
         let (base, size, req, owner) = self.allocation(ptr)?;
         if base != ptr || owner.pool != ORDINARY || size > tc.max_block {
+            return None;
+        }
+        // SAFETY: the owner, under the device lock.
+        if !unsafe { tc.with_local(|l, tc| l.bin_has_room(tc, owner.stream, size)) } {
             return None;
         }
         self.make_room(tc, size);
@@ -764,7 +776,9 @@ impl DeviceState {
             };
             let st = c.slots[s as usize].state();
             if st != LIVE && st != tcache::CACHED {
-                return Err(format!("held block {p:#x} has slot {s} of cache {idx} in state {st}"));
+                return Err(format!(
+                    "held block {p:#x} has slot {s} of cache {idx} in state {st}"
+                ));
             }
             match self.allocation(p) {
                 Some((base, ..)) if base == p => {}
