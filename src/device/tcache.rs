@@ -371,7 +371,8 @@ impl Local {
         let size = self.bins[bin].size;
         if slot.state() != LIVE
             || (size > tc.small_max
-                && (size % tc.page_size != 0 || self.bins[bin].slots.len() >= LARGE_PER_BIN))
+                && (!size.is_multiple_of(tc.page_size)
+                    || self.bins[bin].slots.len() >= LARGE_PER_BIN))
             || self.bytes + size > tc.bound
             || self.budget.bytes + size > 2 * tc.bound
         {
@@ -436,7 +437,7 @@ impl Local {
     /// Whether the bin of (stream, size) may take one more free block.
     pub(crate) fn bin_has_room(&self, tc: &ThreadCache, stream: Stream, size: u64) -> bool {
         size <= tc.small_max
-            || (size % tc.page_size == 0
+            || (size.is_multiple_of(tc.page_size)
                 && self
                     .bin_index
                     .get(&(stream, size))

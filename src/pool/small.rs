@@ -517,7 +517,7 @@ impl SmallPool {
         let (_, run_id) = self.locate(ptr)?;
         let run = self.runs[run_id as usize].as_mut().expect("live run");
         let size = self.classes.sizes[run.class as usize];
-        if (ptr - run.base) % size != 0 {
+        if !(ptr - run.base).is_multiple_of(size) {
             return None;
         }
         let r = run.requested.get_mut(((ptr - run.base) / size) as usize)?;
