@@ -5,8 +5,11 @@
 //!
 //! ```sh
 //! RUSTFLAGS="--cfg loom" cargo test --release -p tessera --test loom_models \
-//!     --target-dir target/loom -- --nocapture
+//!     --target-dir target/loom -- --nocapture --test-threads 1
 //! ```
+//!
+//! (One model at a time: run beside the others in one process, the thread-cache models fail; see
+//! `docs/reliability.md`.)
 //!
 //! (`-p tessera`: the `tessera` command, `cli/`, uses the replay, which a loom build leaves out.)
 //!
@@ -46,6 +49,9 @@
 //! 6. `remove_hook_waits_for_running_call`: a request on a full device runs a hook while another
 //!    thread removes it: once `remove_oom_hook` returns, the hook is not running and never starts
 //!    again (the guarantee that lets a C caller free a hook's data right after removing it).
+//!
+//! 7. `thread_cache_drain_races_a_hit`, `thread_cache_remote_free`, `thread_cache_exit_during_drain`:
+//!    the thread caches (`src/device/tcache.rs`), below. The first six run with the caches off.
 //!
 //! Bounds: at most four model threads (main included), each making one to four allocator calls
 //! (but every driver call is a loom operation too). loom's preemption bound is 3 for every model

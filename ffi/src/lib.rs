@@ -411,15 +411,17 @@ pub unsafe extern "C" fn tessera_snapshot_json(
 ) -> usize {
     guard(0, || {
         let t = allocator()?;
+        // Bad arguments change nothing: checked before the snapshot (which drains the thread
+        // caches).
+        if len > 0 && buf.is_null() {
+            return Err(FfiError::invalid_argument(
+                "tessera_snapshot_json: buf is NULL but len is not 0",
+            ));
+        }
         let snap = t.snapshot(device_index(t, device)?)?;
         let json = serde_json::to_string(&snap)
             .map_err(|e| FfiError::new(TESSERA_ERROR_INTERNAL, e.to_string()))?;
         if len > 0 {
-            if buf.is_null() {
-                return Err(FfiError::invalid_argument(
-                    "tessera_snapshot_json: buf is NULL but len is not 0",
-                ));
-            }
             let n = json.len().min(len - 1);
             // SAFETY: `buf` has `len > n` writable bytes (the caller's contract); `json` has at
             // least `n` readable bytes; they do not overlap (`json` is ours).
@@ -452,6 +454,11 @@ pub unsafe extern "C" fn tessera_memory_snapshot_pickle(
 ) -> usize {
     guard(0, || {
         let t = allocator()?;
+        if len > 0 && buf.is_null() {
+            return Err(FfiError::invalid_argument(
+                "tessera_memory_snapshot_pickle: buf is NULL but len is not 0",
+            ));
+        }
         let devices: Vec<usize> = if device == -1 {
             t.used_devices()
         } else {
@@ -463,11 +470,6 @@ pub unsafe extern "C" fn tessera_memory_snapshot_pickle(
         }
         let pickle = tessera_core::torch_snapshot::snapshot_pickle(&snapshots, t.device_count());
         if len > 0 {
-            if buf.is_null() {
-                return Err(FfiError::invalid_argument(
-                    "tessera_memory_snapshot_pickle: buf is NULL but len is not 0",
-                ));
-            }
             if pickle.len() <= len {
                 // SAFETY: `buf` has `len >= pickle.len()` writable bytes (the caller's contract);
                 // `pickle` is ours, so they do not overlap.

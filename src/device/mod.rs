@@ -13,6 +13,8 @@
 //!   (`oom.rs`), the one place where the lock is dropped (to call hooks).
 //! - Free: mark free and merge with free neighbours of the same stream, or, if other streams were
 //!   recorded on the allocation, park it until their work is done. No driver call.
+//! - In front of all this, each thread's cache (`tcache.rs`, `threads.rs`): a hit allocates or
+//!   frees a block of its own with no lock at all; only a miss takes the device lock.
 //!
 //! # Invariants
 //! See [`DeviceState::check_invariants`] (`inspect.rs`): blocks tile mapped memory, no unmerged
@@ -22,7 +24,8 @@
 //!
 //! # Locking
 //! `DeviceAllocator::state` is the device lock. Every method of `DeviceState` runs under it and
-//! returns with it held; only the OOM sequence releases it, explicitly, around the hooks.
+//! returns with it held; only the OOM sequence releases it, explicitly, around the hooks. A thread
+//! cache's hit takes no lock; its handshake with whoever drains it is in `tcache.rs`.
 
 mod breakdown;
 mod fences;

@@ -81,7 +81,8 @@ impl DeviceAllocator {
         let mut held_by_capture = false;
         // 0. New memory is wanted: first every thread cache's free blocks go back to the pools,
         //    where they merge and serve this request (what they hold never costs a new page).
-        if st.drain_caches() > 0 {
+        //    (Not for a request that can never succeed: that one changes nothing.)
+        if possible(&st) && st.drain_caches() > 0 {
             if let Some(p) = st.try_cached(rounded, requested, owner) {
                 st.checked();
                 return Ok((p, st));
