@@ -469,12 +469,10 @@ pub unsafe extern "C" fn tessera_memory_snapshot_pickle(
             snapshots.push(t.snapshot(d)?);
         }
         let pickle = tessera_core::torch_snapshot::snapshot_pickle(&snapshots, t.device_count());
-        if len > 0 {
-            if pickle.len() <= len {
-                // SAFETY: `buf` has `len >= pickle.len()` writable bytes (the caller's contract);
-                // `pickle` is ours, so they do not overlap.
-                unsafe { std::ptr::copy_nonoverlapping(pickle.as_ptr(), buf, pickle.len()) };
-            }
+        if len > 0 && pickle.len() <= len {
+            // SAFETY: `buf` has `len >= pickle.len()` writable bytes (the caller's contract);
+            // `pickle` is ours, so they do not overlap.
+            unsafe { std::ptr::copy_nonoverlapping(pickle.as_ptr(), buf, pickle.len()) };
         }
         Ok(pickle.len())
     })
