@@ -336,6 +336,7 @@ impl Local {
         Some(i)
     }
 
+    /// A hit: a block of the bin, if the budget covers it.
     #[inline]
     fn pop(
         &mut self,
@@ -344,22 +345,35 @@ impl Local {
         size: u64,
         requested: u64,
     ) -> Option<DevicePtr> {
-        let b = self.find_bin(stream, size)?;
         let need = Amount::block(size, requested);
         if !self.budget.covers(need) {
             return None;
         }
-        let s = self.bins[b].slots.pop()?;
+        let ptr = self.take(tc, stream, size, requested)?;
         self.budget.take(need);
+        self.hits[0] += 1;
+        self.hits[2] += size;
+        self.publish(tc);
+        Some(ptr)
+    }
+
+    /// Hands out a cached block of (stream, size), unpublished.
+    #[inline]
+    fn take(
+        &mut self,
+        tc: &ThreadCache,
+        stream: Stream,
+        size: u64,
+        requested: u64,
+    ) -> Option<DevicePtr> {
+        let b = self.find_bin(stream, size)?;
+        let s = self.bins[b].slots.pop()?;
         tc.slots[s as usize].set(LIVE, requested);
         let ptr = self.entries[s as usize].0;
         self.live.insert(ptr, s);
         self.bytes -= size;
         self.blocks -= 1;
         self.adj += requested as i64;
-        self.hits[0] += 1;
-        self.hits[2] += size;
-        self.publish(tc);
         Some(ptr)
     }
 
@@ -476,7 +490,8 @@ impl Local {
         Some(s)
     }
 
-    /// A cached block of (stream, size) handed out under the lock: (pointer, slot).
+    /// A cached block of (stream, size) handed out under the lock (not a hit: the caller
+    /// counts it).
     pub(crate) fn take_cached(
         &mut self,
         tc: &ThreadCache,
@@ -484,14 +499,7 @@ impl Local {
         size: u64,
         requested: u64,
     ) -> Option<DevicePtr> {
-        let b = self.find_bin(stream, size)?;
-        let s = self.bins[b].slots.pop()?;
-        tc.slots[s as usize].set(LIVE, requested);
-        let ptr = self.entries[s as usize].0;
-        self.live.insert(ptr, s);
-        self.bytes -= size;
-        self.blocks -= 1;
-        self.adj += requested as i64;
+        let ptr = self.take(tc, stream, size, requested)?;
         self.publish(tc);
         Some(ptr)
     }
