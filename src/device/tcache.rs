@@ -151,7 +151,8 @@ impl LiveTable {
 
     #[inline]
     fn find(&self, p: DevicePtr) -> Option<usize> {
-        if self.keys.is_empty() {
+        // 0 is the empty mark: a free of NULL (bad input) must find nothing.
+        if self.keys.is_empty() || p == 0 {
             return None;
         }
         let mut i = Self::home(p);
@@ -846,6 +847,7 @@ mod tests {
             rng ^= rng << 17;
             // Few distinct pointers, many sharing a home, so probes wrap and shift.
             let p = 512 * (1 + rng % 3_000);
+            assert_eq!(t.get(0), None, "0 is never a key");
             if rng >> 40 & 1 == 0 && m.len() < SLOTS {
                 let s = (step % SLOTS as u64) as u32;
                 t.insert(p, s);
