@@ -726,12 +726,7 @@ impl DeviceState {
             let one = unsafe {
                 tc.with_local(|l, tc| {
                     budgets.add(l.budget);
-                    for (p, s) in l.held_blocks(tc) {
-                        if self.threads.held.get(&p) != Some(&(tc.index, s)) {
-                            return Err(format!("cached/live block {p:#x} is not in `held`"));
-                        }
-                    }
-                    l.check(tc)
+                    self.check_cache(l, tc)
                 })
             };
             r = r.and(one);
@@ -742,6 +737,16 @@ impl DeviceState {
         }
         self.end_seize(caches);
         r
+    }
+
+    /// One cache's own invariants, and every block it holds listed in `held` under it.
+    fn check_cache(&self, l: &tcache::Local, tc: &ThreadCache) -> std::result::Result<(), String> {
+        for (p, s) in l.held_blocks(tc) {
+            if self.threads.held.get(&p) != Some(&(tc.index, s)) {
+                return Err(format!("cached/live block {p:#x} is not in `held`"));
+            }
+        }
+        l.check(tc)
     }
 
     fn check_peaks(&self, budgets: Amount) -> std::result::Result<(), String> {
@@ -796,14 +801,7 @@ impl DeviceState {
             let r = unsafe {
                 c.with_local(|l, tc| {
                     budgets.add(l.budget);
-                    let held = l.held_blocks(tc);
-                    let n = held.len();
-                    for (p, s) in held {
-                        if self.threads.held.get(&p) != Some(&(tc.index, s)) {
-                            return Err(format!("cached/live block {p:#x} is not in `held`"));
-                        }
-                    }
-                    l.check(tc).map(|_| n)
+                    self.check_cache(l, tc)
                 })
             };
             r?;
